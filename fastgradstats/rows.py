@@ -1,0 +1,112 @@
+"""Raw rows: the per-layer sufficient statistics every backend returns and every consumer derives from.
+
+A raw row is a float64 vector of ``K`` fields. Fields ``[0, FIRST_MAX)`` merge by addition, fields
+``[FIRST_MAX, K)`` merge by maximum (minima are stored negated), so rows of chunks, layers or ranks merge
+with one sum and one max. Roots, divisions and NaN rules are applied only by :func:`derive`.
+
+Column meaning (x is one layer's elements, upcast to at least float32):
+
+=========  ============================================================
+N          number of elements
+SUM        Σx
+SUMSQ      Σx²  (NaN is allowed here when an Inf is present; see derive)
+ABSSUM     Σ|x|  (NaN iff a NaN is present, +Inf iff an Inf is present)
+ZEROS      number of exact zeros
+NONFINITE  number of NaN and ±Inf
+MAX        max x            (-inf for an empty layer; unspecified if NaN)
+NEG_MIN    max(-x)          (idem)
+FMAX       max over finite x     (-inf when no finite element)
+NEG_FMIN   max over finite -x    (idem)
+=========  ============================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+N, SUM, SUMSQ, ABSSUM, ZEROS, NONFINITE, MAX, NEG_MIN, FMAX, NEG_FMIN = range(10)
+K = 10
+FIRST_MAX = MAX
+
+
+@dataclass
+class RawStats:
+    """What a backend returns for L layers.
+
+    rows: float64 [L, K] raw rows (layout above), on the input device.
+    hist: int64 [L, B] histogram counts, or None when no histogram was asked for.
+    total_hist: int64 [B] histogram of all layers together when it is not the sum of ``hist``
+        (a linear histogram over per-layer data ranges); None otherwise.
+    """
+
+    rows: torch.Tensor
+    hist: torch.Tensor | None = None
+    total_hist: torch.Tensor | None = None
+
+
+def empty_rows(num_layers: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Rows of empty layers: zero sums and -inf maxima, float64 [num_layers, K]."""
+    rows = torch.zeros(num_layers, K, dtype=torch.float64, device=device)
+    rows[:, FIRST_MAX:] = float("-inf")
+    return rows
+
+
+def merge_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Merge raw rows [..., M, K] over their second-to-last dim into [..., K] (sum fields add, max fields max)."""
+    return torch.cat([rows[..., :FIRST_MAX].sum(-2), rows[..., FIRST_MAX:].amax(-2)], dim=-1)
+
+
+def derive(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Derive the user-facing statistics from raw rows [..., K]; every result has shape [...].
+
+    Float results are float32, counts int64. Semantics follow torch on the same elements: a NaN makes
+    sum, mean, std, l1, l2, linf, min and max NaN; an Inf makes l1/l2/linf inf. Empty layers give
+    numel 0, zero sums and norms, NaN mean/std/min/max.
+    """
+    n = rows[..., N]
+    has_nan = rows[..., ABSSUM].isnan()
+    empty = n == 0
+    nan = torch.full_like(n, float("nan"))
+
+    mean = rows[..., SUM] / n
+    var = (rows[..., SUMSQ] / n - mean * mean).clamp_min(0)
+    # SUMSQ is NaN when an Inf met a finite shift in the kernel's centred sums; l2 is then Σ|x|'s inf.
+    l2 = torch.where(rows[..., SUMSQ].isnan(), rows[..., ABSSUM], rows[..., SUMSQ].sqrt())
+
+    def nan_if_nan_or_empty(value: torch.Tensor) -> torch.Tensor:
+        return torch.where(has_nan | empty, nan, value)
+
+    maximum = nan_if_nan_or_empty(rows[..., MAX])
+    minimum = nan_if_nan_or_empty(-rows[..., NEG_MIN])
+    linf = torch.where(has_nan, nan, torch.maximum(rows[..., MAX], rows[..., NEG_MIN]).clamp_min(0))
+    linf = torch.where(empty, torch.zeros_like(linf), linf)
+
+    f32 = torch.float32
+    return {
+        "numel": n.to(torch.int64),
+        "sum": rows[..., SUM].to(f32),
+        "mean": mean.to(f32),
+        "std": var.sqrt().to(f32),
+        "l1": rows[..., ABSSUM].to(f32),
+        "l2": l2.to(f32),
+        "linf": linf.to(f32),
+        "min": minimum.to(f32),
+        "max": maximum.to(f32),
+        "zeros": rows[..., ZEROS].to(torch.int64),
+        "nonfinite": rows[..., NONFINITE].to(torch.int64),
+    }
+
+
+def finite_range(rows: torch.Tensor) -> torch.Tensor:
+    """Per-row finite [min, max] as float64 [..., 2], widened like ``torch.histc``.
+
+    A row whose finite min equals its max gets (min - 1, max + 1); a row with no finite element gets (-1, 1).
+    """
+    lo, hi = -rows[..., NEG_FMIN], rows[..., FMAX]
+    none_finite = hi < lo
+    lo = torch.where(none_finite, torch.zeros_like(lo), lo)
+    hi = torch.where(none_finite, torch.zeros_like(hi), hi)
+    same = lo == hi
+    return torch.stack([torch.where(same, lo - 1, lo), torch.where(same, hi + 1, hi)], dim=-1)

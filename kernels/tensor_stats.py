@@ -1,0 +1,259 @@
+"""Fused multi-tensor statistics: every raw field and the histogram of many tensors in two launches.
+
+Stage 1 (one program per chunk) reads each element once, accumulates in float32 and writes one float64 row of
+partials per chunk (layout of :mod:`fastgradstats.rows`); histogram counts are added to [L, B] with integer
+atomics (exact, so still deterministic). Stage 2 (one program per tensor) merges each tensor's chunk rows in a
+fixed order into its output row. A linear histogram over per-layer data ranges runs stage 1 once more in
+histogram-only mode, reading the ranges from device memory.
+
+Within a chunk, Σx and Σx² are accumulated around a shift s (the chunk's first finite element):
+S1 = Σ(x - s), S2 = Σ(x - s)², then Σx = S1 + n·s and Σx² = S2 + 2·s·S1 + n·s² in float64. The variance
+Σx²/N - mean² then keeps its precision when |mean| ≫ std (e.g. LayerNorm weights near 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgradstats.hist import HistSpec, linear_ranges
+from fastgradstats.rows import FIRST_MAX, K, RawStats
+
+from .segments import segment_table
+
+DEFAULT_CHUNK_SIZE = 1 << 16
+DEFAULT_BLOCK_SIZE = 2048
+MERGE_BLOCK = 32  # chunk rows merged per step in stage 2
+NUM_WARPS = 8
+
+HIST_NONE, HIST_LOG2, HIST_LINEAR = 0, 1, 2
+
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+             torch.float64: tl.float64}
+
+
+@triton.jit
+def _accumulate(
+    x, valid, shift, lo, hi, total_lo, total_hi,
+    s1, s2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
+    ROWS: tl.constexpr, HIST: tl.constexpr, TOTAL_HIST: tl.constexpr,
+    MIN_EXP: tl.constexpr, MAX_EXP: tl.constexpr, BINS: tl.constexpr, PADDED_BINS: tl.constexpr,
+):
+    """Fold one block of float32 values x (lanes where valid is False are ignored) into the accumulators."""
+    abs_x = tl.abs(x)
+    finite = abs_x < float("inf")  # False for NaN and ±Inf
+    if ROWS:
+        d = tl.where(valid, x - shift, 0.0)
+        s1 += d
+        s2 += d * d
+        abs_sum += tl.where(valid, abs_x, 0.0)
+        max_x = tl.maximum(max_x, tl.where(valid, x, float("-inf")))
+        min_x = tl.minimum(min_x, tl.where(valid, x, float("inf")))
+        fmax_x = tl.maximum(fmax_x, tl.where(valid & finite, x, float("-inf")))
+        fmin_x = tl.minimum(fmin_x, tl.where(valid & finite, x, float("inf")))
+        zeros += (valid & (x == 0.0)).to(tl.int32)
+        nonfinite += (valid & ~finite).to(tl.int32)
+    if HIST == 1:
+        exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        bins = tl.minimum(tl.maximum(exponent, MIN_EXP), MAX_EXP) - MIN_EXP
+        hist += tl.histogram(bins, PADDED_BINS, mask=valid & finite & (x != 0.0))
+    if HIST == 2:
+        counted = valid & finite & (x >= lo) & (x <= hi)
+        position = tl.math.div_rn((x - lo) * BINS, hi - lo)
+        bins = tl.minimum(tl.where(counted, position, 0.0).to(tl.int32), BINS - 1)
+        hist += tl.histogram(bins, PADDED_BINS, mask=counted)
+        if TOTAL_HIST:
+            counted = valid & finite & (x >= total_lo) & (x <= total_hi)
+            position = tl.math.div_rn((x - total_lo) * BINS, total_hi - total_lo)
+            bins = tl.minimum(tl.where(counted, position, 0.0).to(tl.int32), BINS - 1)
+            total_hist += tl.histogram(bins, PADDED_BINS, mask=counted)
+    return s1, s2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist
+
+
+@triton.jit
+def _chunk_kernel(
+    tensor_table, chunk_table, partials, hist_out, total_hist_out, ranges, num_layers,
+    DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, NUM_FIELDS: tl.constexpr,
+    ROWS: tl.constexpr, HIST: tl.constexpr, TOTAL_HIST: tl.constexpr,
+    MIN_EXP: tl.constexpr, MAX_EXP: tl.constexpr, BINS: tl.constexpr, PADDED_BINS: tl.constexpr,
+):
+    """Stage 1: one chunk → one row of partials (ROWS) and its histogram counts added to hist_out (HIST)."""
+    pid = tl.program_id(0).to(tl.int64)
+    tensor = tl.load(chunk_table + 2 * pid)
+    chunk_start = tl.load(chunk_table + 2 * pid + 1)
+    base = tl.load(tensor_table + 4 * tensor).to(tl.pointer_type(DTYPE))
+    head = tl.load(tensor_table + 4 * tensor + 1)
+    numel = tl.load(tensor_table + 4 * tensor + 2)
+    out_row = tl.load(tensor_table + 4 * tensor + 3)
+
+    lo_idx = tl.maximum(chunk_start, head)
+    hi_idx = tl.minimum(chunk_start + CHUNK, head + numel)
+    first_full = (lo_idx + BLOCK - 1) // BLOCK
+    last_full = hi_idx // BLOCK
+
+    first = tl.load(base + lo_idx).to(tl.float32)
+    shift = tl.where(tl.abs(first) < float("inf"), first, 0.0)
+    lo = 0.0
+    hi = 1.0
+    total_lo = 0.0
+    total_hi = 1.0
+    if HIST == 2:
+        lo = tl.load(ranges + 2 * out_row)
+        hi = tl.load(ranges + 2 * out_row + 1)
+        total_lo = tl.load(ranges + 2 * num_layers)
+        total_hi = tl.load(ranges + 2 * num_layers + 1)
+
+    s1 = tl.zeros([BLOCK], tl.float32)
+    s2 = tl.zeros([BLOCK], tl.float32)
+    abs_sum = tl.zeros([BLOCK], tl.float32)
+    max_x = tl.full([BLOCK], float("-inf"), tl.float32)
+    min_x = tl.full([BLOCK], float("inf"), tl.float32)
+    fmax_x = tl.full([BLOCK], float("-inf"), tl.float32)
+    fmin_x = tl.full([BLOCK], float("inf"), tl.float32)
+    zeros = tl.zeros([BLOCK], tl.int32)
+    nonfinite = tl.zeros([BLOCK], tl.int32)
+    hist = tl.zeros([PADDED_BINS], tl.int32)
+    total_hist = tl.zeros([PADDED_BINS], tl.int32)
+
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    all_valid = tl.full([BLOCK], 1, tl.int1)
+    for block in range(first_full, last_full):  # full blocks: aligned, unmasked, 16-byte vector loads
+        offs = block * BLOCK + lanes
+        ptrs = tl.max_contiguous(tl.multiple_of(base + offs, 16), BLOCK)
+        x = tl.load(ptrs).to(tl.float32)
+        s1, s2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist = _accumulate(
+            x, all_valid, shift, lo, hi, total_lo, total_hi,
+            s1, s2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
+            ROWS, HIST, TOTAL_HIST, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
+    # The partial blocks at either end of the chunk (empty when lo_idx / hi_idx are block-aligned).
+    head_offs = (lo_idx // BLOCK) * BLOCK + lanes
+    tail_offs = last_full * BLOCK + lanes
+    for edge in tl.static_range(2):
+        if edge == 0:
+            offs = head_offs
+            valid = (offs >= lo_idx) & (offs < tl.minimum(hi_idx, first_full * BLOCK))
+        else:
+            offs = tail_offs
+            valid = (offs >= tl.maximum(first_full, last_full) * BLOCK) & (offs < hi_idx)
+        x = tl.load(base + offs, mask=valid, other=0.0).to(tl.float32)
+        s1, s2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist = _accumulate(
+            x, valid, shift, lo, hi, total_lo, total_hi,
+            s1, s2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
+            ROWS, HIST, TOTAL_HIST, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
+
+    if ROWS:
+        n = (hi_idx - lo_idx).to(tl.float64)
+        s = shift.to(tl.float64)
+        sum1 = tl.sum(s1, 0).to(tl.float64)
+        sum2 = tl.sum(s2, 0).to(tl.float64)
+        row = partials + pid * NUM_FIELDS  # field order of fastgradstats.rows
+        tl.store(row + 0, n)
+        tl.store(row + 1, sum1 + n * s)
+        tl.store(row + 2, sum2 + 2.0 * s * sum1 + n * s * s)
+        tl.store(row + 3, tl.sum(abs_sum, 0).to(tl.float64))
+        tl.store(row + 4, tl.sum(zeros, 0).to(tl.float64))
+        tl.store(row + 5, tl.sum(nonfinite, 0).to(tl.float64))
+        tl.store(row + 6, tl.max(max_x, 0).to(tl.float64))
+        tl.store(row + 7, -tl.min(min_x, 0).to(tl.float64))
+        tl.store(row + 8, tl.max(fmax_x, 0).to(tl.float64))
+        tl.store(row + 9, -tl.min(fmin_x, 0).to(tl.float64))
+    if HIST != 0:
+        bins = tl.arange(0, PADDED_BINS)
+        tl.atomic_add(hist_out + out_row * BINS + bins, hist.to(tl.int64), mask=bins < BINS)
+        if TOTAL_HIST:
+            tl.atomic_add(total_hist_out + bins, total_hist.to(tl.int64), mask=bins < BINS)
+
+
+@triton.jit
+def _merge_kernel(
+    tensor_table, chunk_offsets, partials, rows,
+    NUM_FIELDS: tl.constexpr, FIRST_MAX_FIELD: tl.constexpr, PADDED_FIELDS: tl.constexpr, MERGE: tl.constexpr,
+):
+    """Stage 2: the chunk rows of one tensor, merged in chunk order (sum fields add, max fields max)."""
+    tensor = tl.program_id(0).to(tl.int64)
+    first_chunk = tl.load(chunk_offsets + tensor)
+    end_chunk = tl.load(chunk_offsets + tensor + 1)
+    out_row = tl.load(tensor_table + 4 * tensor + 3)
+
+    fields = tl.arange(0, PADDED_FIELDS)
+    in_row = (fields < NUM_FIELDS)[None, :]
+    acc_sum = tl.zeros([MERGE, PADDED_FIELDS], tl.float64)
+    acc_max = tl.full([MERGE, PADDED_FIELDS], float("-inf"), tl.float64)
+    for start in range(first_chunk, end_chunk, MERGE):
+        chunk = start + tl.arange(0, MERGE).to(tl.int64)
+        mask = (chunk < end_chunk)[:, None] & in_row
+        values = tl.load(partials + chunk[:, None] * NUM_FIELDS + fields[None, :], mask=mask, other=0.0)
+        acc_sum += values
+        acc_max = tl.maximum(acc_max, tl.where(mask, values, float("-inf")))
+    merged = tl.where(fields >= FIRST_MAX_FIELD, tl.max(acc_max, 0), tl.sum(acc_sum, 0))
+    tl.store(rows + out_row * NUM_FIELDS + fields, merged, mask=fields < NUM_FIELDS)
+
+
+def raw_stats(
+    tensors: list[torch.Tensor],
+    spec: HistSpec | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> RawStats:
+    """Raw rows [L, K] float64 (and int64 histogram counts) of 1-D dense tensors on one device.
+
+    Launches, per dtype group, stage 1 (skipped when the group has no element) and stage 2; a linear
+    histogram over per-layer data ranges adds one histogram-only stage 1 per group. No host sync.
+    """
+    if block_size < 16 or block_size & (block_size - 1) or chunk_size % block_size:
+        raise ValueError(f"block_size must be a power of two >= 16 dividing chunk_size, got {block_size}, {chunk_size}")
+    num_layers = len(tensors)
+    device = tensors[0].device
+    rows = torch.empty(num_layers, K, dtype=torch.float64, device=device)
+    hist = total_hist = ranges = None
+    hist_mode = HIST_NONE
+    if spec is not None:
+        hist = torch.zeros(num_layers, spec.bins, dtype=torch.int64, device=device)
+        hist_mode = HIST_LOG2 if spec.kind == "log2" else HIST_LINEAR
+        if spec.kind == "linear" and spec.range is not None:
+            ranges = linear_ranges(spec, rows)
+    per_layer_ranges = hist_mode == HIST_LINEAR and ranges is None
+
+    groups: dict[torch.dtype, list[int]] = {}
+    for layer, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(layer)
+    tables = {dtype: segment_table([tensors[i] for i in layers], layers, chunk_size)
+              for dtype, layers in groups.items()}
+
+    for dtype, table in tables.items():
+        partials = torch.empty(table.num_chunks, K, dtype=torch.float64, device=device)
+        mode = HIST_NONE if per_layer_ranges else hist_mode
+        _launch_chunks(table, dtype, spec, mode, partials, hist, None, ranges, chunk_size, block_size)
+        _merge_kernel[(table.num_tensors,)](
+            table.tensors, table.chunk_offsets, partials, rows,
+            NUM_FIELDS=K, FIRST_MAX_FIELD=FIRST_MAX, PADDED_FIELDS=16, MERGE=MERGE_BLOCK, num_warps=4,
+        )
+
+    if per_layer_ranges:  # needs every layer's finite [min, max], so after all groups' stage 2
+        ranges = linear_ranges(spec, rows)
+        total_hist = torch.zeros(spec.bins, dtype=torch.int64, device=device)
+        for dtype, table in tables.items():
+            _launch_chunks(table, dtype, spec, HIST_LINEAR, None, hist, total_hist, ranges, chunk_size, block_size)
+    return RawStats(rows, hist, total_hist)
+
+
+def _launch_chunks(table, dtype, spec, hist_mode, partials, hist, total_hist, ranges, chunk_size, block_size):
+    """Launch stage 1 over a group's chunks: raw-row partials when ``partials`` is given, histograms per mode."""
+    if table.num_chunks == 0:
+        return
+    unused = table.tensors  # any tensor will do for a pointer argument a specialization never reads
+    _chunk_kernel[(table.num_chunks,)](
+        table.tensors, table.chunks,
+        unused if partials is None else partials,
+        unused if hist is None else hist,
+        unused if total_hist is None else total_hist,
+        unused if ranges is None else ranges,
+        0 if ranges is None else ranges.shape[0] - 1,
+        DTYPE=TL_DTYPES[dtype], CHUNK=chunk_size, BLOCK=block_size, NUM_FIELDS=K,
+        ROWS=partials is not None, HIST=hist_mode, TOTAL_HIST=total_hist is not None,
+        MIN_EXP=spec.min_exp if spec else 0, MAX_EXP=spec.max_exp if spec else 0,
+        BINS=spec.bins if spec else 1, PADDED_BINS=spec.padded_bins if spec else 1,
+        num_warps=NUM_WARPS,
+    )

@@ -1,0 +1,21 @@
+from setuptools import setup
+
+TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "transformers>=4.40", "pytest-benchmark>=4"]
+
+setup(
+    name="fastgradstats",
+    version="0.1.0",
+    description="Fused per-layer gradient and parameter statistics for PyTorch, in a few Triton launches",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastgradstats", "fastgradstats.kernels"],
+    package_dir={"fastgradstats": "fastgradstats", "fastgradstats.kernels": "kernels"},
+    install_requires=["torch>=2.6", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.3"],
+        "dev": ["triton>=3.3", "ruff", *TEST_DEPS],
+        "all": ["triton>=3.3", "safetensors", "matplotlib", "tensorboard", "wandb", *TEST_DEPS],
+    },
+    entry_points={"console_scripts": ["fastgradstats=fastgradstats.cli:main"]},
+)
