@@ -1,0 +1,14 @@
+"""fastgradstats: fused per-layer gradient and parameter statistics for PyTorch.
+
+    import fastgradstats as fgs
+    stats = fgs.grad_stats(model, hist="log2")
+    stats.l2, stats.total.l2, print(stats.table())
+"""
+
+from .api import grad_stats, param_stats, tensor_stats
+from .clip import clip_grad_norm_
+from .results import TensorStats
+
+__version__ = "0.1.0"
+
+__all__ = ["TensorStats", "clip_grad_norm_", "grad_stats", "param_stats", "tensor_stats"]

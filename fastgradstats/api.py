@@ -1,0 +1,116 @@
+"""Public statistics calls: validate, name the layers, dispatch, wrap the raw rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from . import dispatch
+from .hist import DEFAULT_MAX_EXP, DEFAULT_MIN_EXP, HistSpec
+from .results import TensorStats
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+NamedTensors = Iterable[tuple[str, torch.Tensor]]
+
+
+def tensor_stats(
+    tensors: Sequence[torch.Tensor],
+    names: Sequence[str] | None = None,
+    *,
+    hist: str | None = None,
+    bins: int = 64,
+    range: tuple[float, float] | None = None,
+    min_exp: int = DEFAULT_MIN_EXP,
+    max_exp: int = DEFAULT_MAX_EXP,
+    backend: str | None = None,
+) -> TensorStats:
+    """Per-layer statistics of a list of tensors, in one pass over the data and without a host sync.
+
+    Args:
+        tensors: L tensors of any shape, dtype float32/bfloat16/float16/float64, all on one device. Each is one
+            layer; empty tensors are allowed. Dense non-contiguous tensors (e.g. transposed weights) are read
+            in place; tensors with gaps or overlaps (strided slices, expand) are copied first.
+        names: L unique layer names; default "0", "1", ...
+        hist: None, "log2" (bins floor(log2|x|) clamped to [min_exp, max_exp], from the exponent bits) or
+            "linear" (``bins`` equal-width bins over ``range`` or each layer's finite [min, max], torch.histc rules).
+        backend: None (auto), "torch" or "triton"; see :mod:`fastgradstats.dispatch`.
+
+    Returns:
+        TensorStats with [L] tensors on the input device; ``.total`` holds the global values.
+
+    Example::
+
+        stats = fgs.tensor_stats([w1, w2], names=["w1", "w2"], hist="log2")
+        stats.l2, stats.total.l2, stats.hist   # [2], 0-d, [2, 64]
+    """
+    tensors, names = _validate(tensors, names, "tensor_stats")
+    spec = HistSpec.make(hist, bins, range, min_exp, max_exp)
+    return TensorStats.from_raw(dispatch.raw_stats(tensors, spec, backend), names, spec)
+
+
+def grad_stats(model_or_named_parameters: torch.nn.Module | NamedTensors, **kwargs) -> TensorStats:
+    """``tensor_stats`` of the gradients: layers are the named parameters whose ``.grad`` is set, in
+    ``named_parameters()`` order, named by their parameter names. Keyword arguments as in ``tensor_stats``.
+
+    Example::
+
+        loss.backward()
+        stats = fgs.grad_stats(model, hist="log2")
+        stats.l2            # per-layer gradient norms, on the device
+    """
+    named = _named_parameters(model_or_named_parameters, "grad_stats")
+    pairs = [(name, p.grad) for name, p in named if p.grad is not None]
+    return tensor_stats([g for _, g in pairs], [name for name, _ in pairs], **kwargs)
+
+
+def param_stats(model_or_named_parameters: torch.nn.Module | NamedTensors, **kwargs) -> TensorStats:
+    """``tensor_stats`` of the parameter values (every named parameter). Keyword arguments as in ``tensor_stats``."""
+    named = _named_parameters(model_or_named_parameters, "param_stats")
+    return tensor_stats([p.detach() for _, p in named], [name for name, _ in named], **kwargs)
+
+
+def _named_parameters(obj: torch.nn.Module | NamedTensors, caller: str) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.nn.Module):
+        return list(obj.named_parameters())
+    if isinstance(obj, torch.Tensor) or not isinstance(obj, Iterable):
+        raise TypeError(f"{caller}: expected an nn.Module or (name, parameter) pairs, got {type(obj).__name__}")
+    named = list(obj)
+    for item in named:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise TypeError(f"{caller}: expected (name, parameter) pairs, got an item of type {type(item).__name__}")
+    return named
+
+
+def _validate(
+    tensors: Sequence[torch.Tensor], names: Sequence[str] | None, caller: str
+) -> tuple[list[torch.Tensor], list[str]]:
+    if isinstance(tensors, (torch.Tensor, str)) or not isinstance(tensors, Iterable):
+        raise TypeError(f"{caller}: tensors must be a sequence of tensors, got {type(tensors).__name__}")
+    tensors = list(tensors)
+    if names is None:
+        names = [str(i) for i in range(len(tensors))]
+    else:
+        names = list(names)
+        if len(names) != len(tensors):
+            raise ValueError(f"{caller}: {len(names)} names for {len(tensors)} tensors")
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"{caller}: layer names must be str, got {name!r}")
+        if len(set(names)) != len(names):
+            duplicate = next(name for name in names if names.count(name) > 1)
+            raise ValueError(f"{caller}: layer name '{duplicate}' appears more than once")
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{caller}: layer '{name}' is a {type(t).__name__}, not a torch.Tensor")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{caller}: layer '{name}' has dtype {t.dtype}; supported: float32, bfloat16, float16, float64")
+        if t.layout != torch.strided:
+            raise TypeError(f"{caller}: layer '{name}' has layout {t.layout}; only dense (strided) tensors are supported")
+        if t.device != tensors[0].device:
+            raise ValueError(
+                f"{caller}: layer '{name}' is on {t.device} but layer '{names[0]}' is on {tensors[0].device}; "
+                "one call takes tensors on one device"
+            )
+    return tensors, names

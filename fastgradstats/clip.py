@@ -1,0 +1,63 @@
+"""clip_grad_norm_: torch's gradient clipping, with the norm (and per-layer statistics) from one fused pass."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable
+
+import torch
+
+from .api import tensor_stats
+from .results import TensorStats
+
+FUSED_NORM_TYPES = (2.0, math.inf)
+
+
+def clip_grad_norm_(
+    parameters: torch.Tensor | Iterable[torch.Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, TensorStats]:
+    """A drop-in for ``torch.nn.utils.clip_grad_norm_``: same return value, same clipping, same errors.
+
+    The total norm of norm_type 2 or inf comes from the fused statistics kernel (other norm types use
+    torch's ``get_total_norm``); the scaling itself is torch's ``clip_grads_with_norm_``. Returns the total
+    norm (a 0-d tensor in the gradients' promoted dtype), or ``(total_norm, stats)`` with
+    ``return_stats=True``, where ``stats`` are the per-layer gradient statistics (layers named "0", "1", ...
+    in parameter order, skipping parameters without a gradient). No host sync unless ``error_if_nonfinite``.
+
+    Example::
+
+        total_norm, stats = fgs.clip_grad_norm_(model.parameters(), 1.0, return_stats=True)
+        stats.l2   # per-layer norms before clipping
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    parameters = list(parameters)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm_type = float(norm_type)
+    if not grads:
+        empty = torch.tensor(0.0)
+        return (empty, tensor_stats([])) if return_stats else empty
+
+    stats = tensor_stats(grads) if return_stats or norm_type in FUSED_NORM_TYPES else None
+    if norm_type in FUSED_NORM_TYPES:
+        total_norm = stats.total.l2 if norm_type == 2.0 else stats.total.linf
+        dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads))
+        total_norm = total_norm.to(dtype)
+    else:
+        total_norm = torch.nn.utils.get_total_norm(grads, norm_type, False, foreach)
+
+    if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
+            "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`"
+        )
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    return (total_norm, stats) if return_stats else total_norm

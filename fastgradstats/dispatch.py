@@ -1,0 +1,57 @@
+"""Choosing a backend and asking it for raw rows.
+
+Order of choice: the ``backend=`` argument, else the ``FASTGRADSTATS_BACKEND`` environment variable, else
+"triton" for CUDA tensors when Triton imports, else "torch". "triton" on CPU tensors runs only under
+``TRITON_INTERPRET=1`` (Triton's numpy interpreter, used by the tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import torch
+
+from . import torch_backend
+from .dense import flat_elements
+from .hist import HistSpec
+from .rows import RawStats
+
+BACKENDS = ("torch", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton and the package's kernels import."""
+    try:
+        import fastgradstats.kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend that will run for tensors on ``device``; raises ValueError for an unusable choice."""
+    name = backend if backend is not None else os.environ.get("FASTGRADSTATS_BACKEND") or None
+    if name is None:
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {name!r}")
+    if name == "triton":
+        if not triton_available():
+            raise ValueError("backend 'triton' needs the triton package: pip install 'fastgradstats[triton]'")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"backend 'triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1")
+    return name
+
+
+def raw_stats(tensors: Sequence[torch.Tensor], spec: HistSpec | None, backend: str | None) -> RawStats:
+    """Raw rows of validated tensors (one device, floating dtypes) from the chosen backend."""
+    if not tensors:
+        return torch_backend.raw_stats([], spec)
+    if resolve_backend(backend, tensors[0].device) == "torch":
+        return torch_backend.raw_stats(tensors, spec)
+    from fastgradstats.kernels import raw_stats as triton_raw_stats
+
+    return triton_raw_stats([flat_elements(t) for t in tensors], spec)

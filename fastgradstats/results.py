@@ -1,0 +1,139 @@
+"""TensorStats: per-layer statistics as device tensors, derived lazily from raw rows."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .hist import HistSpec, linear_edges, linear_ranges, log2_edges
+from .rows import RawStats, derive, merge_rows
+
+FIELDS = ("numel", "sum", "mean", "std", "l1", "l2", "linf", "min", "max", "zeros", "nonfinite")
+TABLE_FIELDS = ("numel", "l2", "mean", "std", "min", "max", "linf", "zeros", "nonfinite")
+
+
+class _Derived:
+    """A statistic read from the lazily derived fields (computed once, on the rows' device, without sync)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, stats: TensorStats | None, owner: type | None = None):
+        return self if stats is None else stats._derived[self.name]
+
+
+class TensorStats:
+    """Statistics of L layers. Every field is a tensor of shape [L] on the input device (0-d for ``total``).
+
+    numel, zeros, nonfinite: int64 counts (nonfinite counts NaN and ±Inf).
+    sum, mean, std (population), l1, l2, linf (max |x|), min, max: float32, accumulated in float32 within
+    chunks and float64 across them. NaN in a layer makes these NaN; Inf makes l1/l2/linf inf.
+    hist: int64 [L, B] or None; hist_edges: float32 [B + 1] (log2) or [L, B + 1] (linear).
+    total: the same statistics over all layers together (global norm, global histogram).
+    """
+
+    numel = _Derived()
+    sum = _Derived()
+    mean = _Derived()
+    std = _Derived()
+    l1 = _Derived()
+    l2 = _Derived()
+    linf = _Derived()
+    min = _Derived()
+    max = _Derived()
+    zeros = _Derived()
+    nonfinite = _Derived()
+
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        names: list[str],
+        hist: torch.Tensor | None = None,
+        hist_edges: torch.Tensor | None = None,
+        total: TensorStats | None = None,
+    ) -> None:
+        self.rows = rows
+        self.names = names
+        self.hist = hist
+        self.hist_edges = hist_edges
+        self._total = total
+
+    @classmethod
+    def from_raw(cls, raw: RawStats, names: list[str], spec: HistSpec | None) -> TensorStats:
+        """Per-layer and total statistics (with histogram edges) from a backend's raw result."""
+        rows = raw.rows
+        hist = edges = total_hist = total_edges = None
+        if spec is not None and spec.kind == "log2":
+            hist, edges, total_hist = raw.hist, log2_edges(spec, rows.device), raw.hist.sum(0)
+            total_edges = edges
+        elif spec is not None:
+            ranges = linear_ranges(spec, rows)
+            hist, edges = raw.hist, linear_edges(ranges[:-1], spec.bins)
+            total_hist = raw.hist.sum(0) if raw.total_hist is None else raw.total_hist
+            total_edges = linear_edges(ranges[-1], spec.bins)
+        total = cls(merge_rows(rows), ["total"], total_hist, total_edges)
+        return cls(rows, names, hist, edges, total)
+
+    @functools.cached_property
+    def _derived(self) -> dict[str, torch.Tensor]:
+        return derive(self.rows)
+
+    @property
+    def total(self) -> TensorStats:
+        """Statistics of all layers together: 0-d fields, [B] histogram."""
+        if self._total is None:
+            raise AttributeError("this TensorStats is already a total")
+        return self._total
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        bins = "" if self.hist is None else f", bins={self.hist.shape[-1]}"
+        return f"TensorStats({len(self)} layers on {self.rows.device}{bins})"
+
+    def to_dict(self) -> dict:
+        """Plain Python values: ``{"layers": {name: {field: value}}, "total": {field: value}}``.
+
+        This is the call that syncs with the device (one copy of the raw rows and histograms to the host).
+        Histograms appear as "hist" (list of int) and "hist_edges" (list of float) when present.
+        """
+        result = {"layers": {}, "total": None}
+        host = TensorStats(self.rows.cpu(), self.names, _cpu(self.hist), _cpu(self.hist_edges))
+        for i, name in enumerate(self.names):
+            result["layers"][name] = host._layer_dict(i)
+        if self._total is not None:
+            result["total"] = self._total.to_dict()["layers"]["total"]
+        return result
+
+    def _layer_dict(self, i: int) -> dict:
+        index = () if self.rows.dim() == 1 else (i,)
+        values = {field: self._derived[field][index].item() for field in FIELDS}
+        if self.hist is not None:
+            values["hist"] = self.hist[index].tolist()
+            edges = self.hist_edges if self.hist_edges.dim() == 1 else self.hist_edges[i]
+            values["hist_edges"] = edges.tolist()
+        return values
+
+    def table(self) -> str:
+        """A readable per-layer table with a total line (syncs, like ``to_dict``)."""
+        data = self.to_dict()
+        lines = [(name, values) for name, values in data["layers"].items()]
+        if data["total"] is not None:
+            lines.append(("total", data["total"]))
+        width = max([len("layer")] + [len(name) for name, _ in lines])
+        header = f"{'layer':<{width}} " + " ".join(f"{f:>11}" for f in TABLE_FIELDS)
+        body = [f"{name:<{width}} " + " ".join(_cell(values[f]) for f in TABLE_FIELDS) for name, values in lines]
+        return "\n".join([header, *body])
+
+
+def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.cpu()
+
+
+def _cell(value: float | int) -> str:
+    if isinstance(value, int):
+        return f"{value:>11d}"
+    return f"{value:>11.4g}" if math.isfinite(value) else f"{value!s:>11}"
