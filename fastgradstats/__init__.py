@@ -7,8 +7,18 @@
 
 from .api import grad_stats, param_stats, tensor_stats
 from .clip import clip_grad_norm_
-from .results import TensorStats
+from .pairs import cosine_similarity, pair_stats
+from .results import PairStats, TensorStats
 
 __version__ = "0.1.0"
 
-__all__ = ["TensorStats", "clip_grad_norm_", "grad_stats", "param_stats", "tensor_stats"]
+__all__ = [
+    "PairStats",
+    "TensorStats",
+    "clip_grad_norm_",
+    "cosine_similarity",
+    "grad_stats",
+    "pair_stats",
+    "param_stats",
+    "tensor_stats",
+]

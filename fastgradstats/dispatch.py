@@ -55,3 +55,14 @@ def raw_stats(tensors: Sequence[torch.Tensor], spec: HistSpec | None, backend: s
     from fastgradstats.kernels import raw_stats as triton_raw_stats
 
     return triton_raw_stats([flat_elements(t) for t in tensors], spec)
+
+
+def pair_raw_stats(
+    a: list[torch.Tensor], b: list[torch.Tensor], origin: list[torch.Tensor] | None, backend: str | None
+) -> torch.Tensor:
+    """Pair rows [L, PAIR_K] of validated 1-D tensors in matching element order, from the chosen backend."""
+    if not a or resolve_backend(backend, a[0].device) == "torch":
+        return torch_backend.pair_raw_stats(a, b, origin)
+    from fastgradstats.kernels import pair_raw_stats as triton_pair_raw_stats
+
+    return triton_pair_raw_stats(a, b, origin)

@@ -1,4 +1,4 @@
-"""TensorStats: per-layer statistics as device tensors, derived lazily from raw rows."""
+"""TensorStats and PairStats: per-layer statistics as device tensors, derived lazily from raw rows."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ import math
 import torch
 
 from .hist import HistSpec, linear_edges, linear_ranges, log2_edges
-from .rows import RawStats, derive, merge_rows
-
-FIELDS = ("numel", "sum", "mean", "std", "l1", "l2", "linf", "min", "max", "zeros", "nonfinite")
-TABLE_FIELDS = ("numel", "l2", "mean", "std", "min", "max", "linf", "zeros", "nonfinite")
+from .rows import PAIR_K, RawStats, derive, derive_pair, merge_rows
 
 
 class _Derived:
@@ -20,11 +17,76 @@ class _Derived:
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, stats: TensorStats | None, owner: type | None = None):
+    def __get__(self, stats: LayerStats | None, owner: type | None = None):
         return self if stats is None else stats._derived[self.name]
 
 
-class TensorStats:
+class LayerStats:
+    """What TensorStats and PairStats share: raw rows [L, K] (or [K] for a total), names, a total, printing.
+
+    Subclasses set FIELDS (derived statistics, in to_dict order), TABLE_FIELDS and ``_derive``.
+    """
+
+    FIELDS: tuple[str, ...] = ()
+    TABLE_FIELDS: tuple[str, ...] = ()
+
+    def __init__(self, rows: torch.Tensor, names: list[str], total: LayerStats | None = None) -> None:
+        self.rows = rows
+        self.names = names
+        self._total = total
+
+    @staticmethod
+    def _derive(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @functools.cached_property
+    def _derived(self) -> dict[str, torch.Tensor]:
+        return self._derive(self.rows)
+
+    @property
+    def total(self):
+        """Statistics of all layers together (0-d fields)."""
+        if self._total is None:
+            raise AttributeError(f"this {type(self).__name__} is already a total")
+        return self._total
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} layers on {self.rows.device})"
+
+    def to_dict(self) -> dict:
+        """Plain Python values: ``{"layers": {name: {field: value}}, "total": {field: value}}``.
+
+        This is the call that syncs with the device (copies of the raw rows to the host).
+        """
+        host = self._on_host()
+        result = {"layers": {name: host._layer_dict(i) for i, name in enumerate(self.names)}, "total": None}
+        if self._total is not None:
+            result["total"] = self._total._on_host()._layer_dict(0)
+        return result
+
+    def _on_host(self) -> LayerStats:
+        return type(self)(self.rows.cpu(), self.names)
+
+    def _layer_dict(self, i: int) -> dict:
+        index = () if self.rows.dim() == 1 else (i,)
+        return {field: self._derived[field][index].item() for field in self.FIELDS}
+
+    def table(self) -> str:
+        """A readable per-layer table with a total line (syncs, like ``to_dict``)."""
+        data = self.to_dict()
+        lines = list(data["layers"].items())
+        if data["total"] is not None:
+            lines.append(("total", data["total"]))
+        width = max([len("layer")] + [len(name) for name, _ in lines])
+        header = f"{'layer':<{width}} " + " ".join(f"{f:>11}" for f in self.TABLE_FIELDS)
+        body = [f"{name:<{width}} " + " ".join(_cell(v[f]) for f in self.TABLE_FIELDS) for name, v in lines]
+        return "\n".join([header, *body])
+
+
+class TensorStats(LayerStats):
     """Statistics of L layers. Every field is a tensor of shape [L] on the input device (0-d for ``total``).
 
     numel, zeros, nonfinite: int64 counts (nonfinite counts NaN and ±Inf).
@@ -46,6 +108,10 @@ class TensorStats:
     zeros = _Derived()
     nonfinite = _Derived()
 
+    FIELDS = ("numel", "sum", "mean", "std", "l1", "l2", "linf", "min", "max", "zeros", "nonfinite")
+    TABLE_FIELDS = ("numel", "l2", "mean", "std", "min", "max", "linf", "zeros", "nonfinite")
+    _derive = staticmethod(derive)
+
     def __init__(
         self,
         rows: torch.Tensor,
@@ -54,11 +120,9 @@ class TensorStats:
         hist_edges: torch.Tensor | None = None,
         total: TensorStats | None = None,
     ) -> None:
-        self.rows = rows
-        self.names = names
+        super().__init__(rows, names, total)
         self.hist = hist
         self.hist_edges = hist_edges
-        self._total = total
 
     @classmethod
     def from_raw(cls, raw: RawStats, names: list[str], spec: HistSpec | None) -> TensorStats:
@@ -76,57 +140,47 @@ class TensorStats:
         total = cls(merge_rows(rows), ["total"], total_hist, total_edges)
         return cls(rows, names, hist, edges, total)
 
-    @functools.cached_property
-    def _derived(self) -> dict[str, torch.Tensor]:
-        return derive(self.rows)
-
-    @property
-    def total(self) -> TensorStats:
-        """Statistics of all layers together: 0-d fields, [B] histogram."""
-        if self._total is None:
-            raise AttributeError("this TensorStats is already a total")
-        return self._total
-
-    def __len__(self) -> int:
-        return len(self.names)
-
     def __repr__(self) -> str:
         bins = "" if self.hist is None else f", bins={self.hist.shape[-1]}"
         return f"TensorStats({len(self)} layers on {self.rows.device}{bins})"
 
-    def to_dict(self) -> dict:
-        """Plain Python values: ``{"layers": {name: {field: value}}, "total": {field: value}}``.
-
-        This is the call that syncs with the device (one copy of the raw rows and histograms to the host).
-        Histograms appear as "hist" (list of int) and "hist_edges" (list of float) when present.
-        """
-        result = {"layers": {}, "total": None}
-        host = TensorStats(self.rows.cpu(), self.names, _cpu(self.hist), _cpu(self.hist_edges))
-        for i, name in enumerate(self.names):
-            result["layers"][name] = host._layer_dict(i)
-        if self._total is not None:
-            result["total"] = self._total.to_dict()["layers"]["total"]
-        return result
+    def _on_host(self) -> TensorStats:
+        return TensorStats(self.rows.cpu(), self.names, _cpu(self.hist), _cpu(self.hist_edges))
 
     def _layer_dict(self, i: int) -> dict:
-        index = () if self.rows.dim() == 1 else (i,)
-        values = {field: self._derived[field][index].item() for field in FIELDS}
+        """Histograms appear as "hist" (list of int) and "hist_edges" (list of float) when present."""
+        values = super()._layer_dict(i)
         if self.hist is not None:
+            index = () if self.rows.dim() == 1 else (i,)
             values["hist"] = self.hist[index].tolist()
             edges = self.hist_edges if self.hist_edges.dim() == 1 else self.hist_edges[i]
             values["hist_edges"] = edges.tolist()
         return values
 
-    def table(self) -> str:
-        """A readable per-layer table with a total line (syncs, like ``to_dict``)."""
-        data = self.to_dict()
-        lines = [(name, values) for name, values in data["layers"].items()]
-        if data["total"] is not None:
-            lines.append(("total", data["total"]))
-        width = max([len("layer")] + [len(name) for name, _ in lines])
-        header = f"{'layer':<{width}} " + " ".join(f"{f:>11}" for f in TABLE_FIELDS)
-        body = [f"{name:<{width}} " + " ".join(_cell(values[f]) for f in TABLE_FIELDS) for name, values in lines]
-        return "\n".join([header, *body])
+
+class PairStats(LayerStats):
+    """Statistics of L layer pairs (a, b), measured from an origin o when one is given: a' = a - o, b' = b - o.
+
+    Fields, tensors of shape [L] on the input device (0-d for ``total``): numel (int64), dot (Σa'b'), a_l2,
+    b_l2 (norms of a', b'), cos (dot / (max(a_l2, 1e-8) · max(b_l2, 1e-8)), as F.cosine_similarity), dist
+    (‖a - b‖, from the differences themselves), all float32. ``total`` treats all layers as one flat vector.
+    """
+
+    numel = _Derived()
+    dot = _Derived()
+    a_l2 = _Derived()
+    b_l2 = _Derived()
+    cos = _Derived()
+    dist = _Derived()
+
+    FIELDS = ("numel", "dot", "a_l2", "b_l2", "cos", "dist")
+    TABLE_FIELDS = FIELDS
+    _derive = staticmethod(derive_pair)
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, names: list[str]) -> PairStats:
+        """Per-layer and total pair statistics from pair rows [L, PAIR_K]."""
+        return cls(rows, names, cls(merge_rows(rows, PAIR_K), ["total"]))
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -4,7 +4,7 @@ A raw row is a float64 vector of ``K`` fields. Fields ``[0, FIRST_MAX)`` merge b
 ``[FIRST_MAX, K)`` merge by maximum (minima are stored negated), so rows of chunks, layers or ranks merge
 with one sum and one max. Roots, divisions and NaN rules are applied only by :func:`derive`.
 
-Column meaning (x is one layer's elements, upcast to at least float32):
+Column meaning of tensor rows (x is one layer's elements, upcast to at least float32):
 
 =========  ============================================================
 N          number of elements
@@ -18,6 +18,11 @@ NEG_MIN    max(-x)          (idem)
 FMAX       max over finite x     (-inf when no finite element)
 NEG_FMIN   max over finite -x    (idem)
 =========  ============================================================
+
+Pair rows (:data:`PAIR_K` fields, all merged by addition) describe two tensors a, b of one layer and an
+optional origin o (zero when absent), with a' = a - o and b' = b - o:
+PAIR_N (element count), DOT Σa'b', AA Σa'², BB Σb'², DD Σ(a - b)² (from the differences themselves, which
+stays exact when a ≈ b, unlike |a|² + |b|² - 2ab).
 """
 
 from __future__ import annotations
@@ -29,6 +34,10 @@ import torch
 N, SUM, SUMSQ, ABSSUM, ZEROS, NONFINITE, MAX, NEG_MIN, FMAX, NEG_FMIN = range(10)
 K = 10
 FIRST_MAX = MAX
+
+PAIR_N, DOT, AA, BB, DD = range(5)
+PAIR_K = 5
+COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
 
 
 @dataclass
@@ -53,9 +62,12 @@ def empty_rows(num_layers: int, device: torch.device | str = "cpu") -> torch.Ten
     return rows
 
 
-def merge_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Merge raw rows [..., M, K] over their second-to-last dim into [..., K] (sum fields add, max fields max)."""
-    return torch.cat([rows[..., :FIRST_MAX].sum(-2), rows[..., FIRST_MAX:].amax(-2)], dim=-1)
+def merge_rows(rows: torch.Tensor, first_max: int = FIRST_MAX) -> torch.Tensor:
+    """Merge raw rows [..., M, K] over their second-to-last dim into [..., K].
+
+    Fields before ``first_max`` add, the others take the maximum (pair rows: ``first_max=PAIR_K``).
+    """
+    return torch.cat([rows[..., :first_max].sum(-2), rows[..., first_max:].amax(-2)], dim=-1)
 
 
 def derive(rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -110,3 +122,22 @@ def finite_range(rows: torch.Tensor) -> torch.Tensor:
     hi = torch.where(none_finite, torch.zeros_like(hi), hi)
     same = lo == hi
     return torch.stack([torch.where(same, lo - 1, lo), torch.where(same, hi + 1, hi)], dim=-1)
+
+
+def derive_pair(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Derive pair statistics from pair rows [..., PAIR_K]; every result has shape [...] (float32, numel int64).
+
+    cos = dot / (max(|a'|, eps) · max(|b'|, eps)), which is ``torch.nn.functional.cosine_similarity`` of the
+    flattened a', b' (0 for a zero vector).
+    """
+    a_l2, b_l2 = rows[..., AA].sqrt(), rows[..., BB].sqrt()
+    cos = rows[..., DOT] / (a_l2.clamp_min(COSINE_EPS) * b_l2.clamp_min(COSINE_EPS))
+    f32 = torch.float32
+    return {
+        "numel": rows[..., PAIR_N].to(torch.int64),
+        "dot": rows[..., DOT].to(f32),
+        "a_l2": a_l2.to(f32),
+        "b_l2": b_l2.to(f32),
+        "cos": cos.to(f32),
+        "dist": rows[..., DD].sqrt().to(f32),
+    }

@@ -13,7 +13,7 @@ import torch
 
 from .dense import flat_elements
 from .hist import HistSpec, linear_ranges
-from .rows import RawStats, empty_rows, merge_rows
+from .rows import PAIR_K, RawStats, empty_rows, merge_rows
 
 DEFAULT_CHUNK_SIZE = 1 << 22
 
@@ -95,3 +95,25 @@ def _add_to_hist(hist: torch.Tensor, piece: torch.Tensor, spec: HistSpec, lo_hi:
     counts = torch.zeros(spec.bins + 1, dtype=torch.int64, device=x.device)
     counts.index_add_(0, bins, torch.ones_like(bins))
     hist += counts[: spec.bins]
+
+
+def pair_raw_stats(
+    a: Sequence[torch.Tensor],
+    b: Sequence[torch.Tensor],
+    origin: Sequence[torch.Tensor] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Pair rows float64 [L, PAIR_K] of 1-D tensors a[i], b[i] (and origin[i]) in matching element order."""
+    device = a[0].device if len(a) else torch.device("cpu")
+    rows = torch.zeros(len(a), PAIR_K, dtype=torch.float64, device=device)
+    for layer in range(len(a)):
+        origin_pieces = origin[layer].split(chunk_size) if origin is not None else None
+        for i, (piece_a, piece_b) in enumerate(zip(a[layer].split(chunk_size), b[layer].split(chunk_size))):
+            x, y = piece_a.to(torch.float64), piece_b.to(torch.float64)
+            diff = x - y
+            if origin_pieces is not None:
+                o = origin_pieces[i].to(torch.float64)
+                x, y = x - o, y - o
+            count = torch.full((), x.numel(), dtype=torch.float64, device=device)
+            rows[layer] += torch.stack([count, torch.dot(x, y), torch.dot(x, x), torch.dot(y, y), torch.dot(diff, diff)])
+    return rows
