@@ -20,11 +20,11 @@ import triton.language as tl
 from fastgradstats.hist import HistSpec, linear_ranges
 from fastgradstats.rows import FIRST_MAX, K, RawStats
 
+from .merge import merge_chunk_rows
 from .segments import segment_table
 
 DEFAULT_CHUNK_SIZE = 1 << 16
 DEFAULT_BLOCK_SIZE = 2048
-MERGE_BLOCK = 32  # chunk rows merged per step in stage 2
 NUM_WARPS = 8
 
 HIST_NONE, HIST_LOG2, HIST_LINEAR = 0, 1, 2
@@ -165,29 +165,12 @@ def _chunk_kernel(
             tl.atomic_add(total_hist_out + bins, total_hist.to(tl.int64), mask=bins < BINS)
 
 
-@triton.jit
-def _merge_kernel(
-    tensor_table, chunk_offsets, partials, rows,
-    NUM_FIELDS: tl.constexpr, FIRST_MAX_FIELD: tl.constexpr, PADDED_FIELDS: tl.constexpr, MERGE: tl.constexpr,
-):
-    """Stage 2: the chunk rows of one tensor, merged in chunk order (sum fields add, max fields max)."""
-    tensor = tl.program_id(0).to(tl.int64)
-    first_chunk = tl.load(chunk_offsets + tensor)
-    end_chunk = tl.load(chunk_offsets + tensor + 1)
-    out_row = tl.load(tensor_table + 4 * tensor + 3)
-
-    fields = tl.arange(0, PADDED_FIELDS)
-    in_row = (fields < NUM_FIELDS)[None, :]
-    acc_sum = tl.zeros([MERGE, PADDED_FIELDS], tl.float64)
-    acc_max = tl.full([MERGE, PADDED_FIELDS], float("-inf"), tl.float64)
-    for start in range(first_chunk, end_chunk, MERGE):
-        chunk = start + tl.arange(0, MERGE).to(tl.int64)
-        mask = (chunk < end_chunk)[:, None] & in_row
-        values = tl.load(partials + chunk[:, None] * NUM_FIELDS + fields[None, :], mask=mask, other=0.0)
-        acc_sum += values
-        acc_max = tl.maximum(acc_max, tl.where(mask, values, float("-inf")))
-    merged = tl.where(fields >= FIRST_MAX_FIELD, tl.max(acc_max, 0), tl.sum(acc_sum, 0))
-    tl.store(rows + out_row * NUM_FIELDS + fields, merged, mask=fields < NUM_FIELDS)
+def check_sizes(chunk_size: int, block_size: int) -> None:
+    """Blocks must be powers of two of at least 16 elements (16-byte alignment of full blocks) dividing chunks."""
+    if block_size < 16 or block_size & (block_size - 1) or chunk_size % block_size:
+        raise ValueError(
+            f"block_size must be a power of two >= 16 that divides chunk_size, got {block_size} and {chunk_size}"
+        )
 
 
 def raw_stats(
@@ -202,8 +185,7 @@ def raw_stats(
     Launches, per dtype group, stage 1 (skipped when the group has no element) and stage 2; a linear
     histogram over per-layer data ranges adds one histogram-only stage 1 per group. No host sync.
     """
-    if block_size < 16 or block_size & (block_size - 1) or chunk_size % block_size:
-        raise ValueError(f"block_size must be a power of two >= 16 dividing chunk_size, got {block_size}, {chunk_size}")
+    check_sizes(chunk_size, block_size)
     num_layers = len(tensors)
     device = tensors[0].device
     rows = torch.empty(num_layers, K, dtype=torch.float64, device=device)
@@ -226,10 +208,7 @@ def raw_stats(
         partials = torch.empty(table.num_chunks, K, dtype=torch.float64, device=device)
         mode = HIST_NONE if per_layer_ranges else hist_mode
         _launch_chunks(table, dtype, spec, mode, partials, hist, None, ranges, chunk_size, block_size)
-        _merge_kernel[(table.num_tensors,)](
-            table.tensors, table.chunk_offsets, partials, rows,
-            NUM_FIELDS=K, FIRST_MAX_FIELD=FIRST_MAX, PADDED_FIELDS=16, MERGE=MERGE_BLOCK, num_warps=4,
-        )
+        merge_chunk_rows(table, partials, rows, FIRST_MAX)
 
     if per_layer_ranges:  # needs every layer's finite [min, max], so after all groups' stage 2
         ranges = linear_ranges(spec, rows)
