@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from setuptools import setup
 
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "transformers>=4.40", "pytest-benchmark>=4"]
@@ -6,7 +8,7 @@ setup(
     name="fastgradstats",
     version="0.1.0",
     description="Fused per-layer gradient and parameter statistics for PyTorch, in a few Triton launches",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["fastgradstats", "fastgradstats.kernels"],

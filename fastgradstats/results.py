@@ -187,7 +187,7 @@ def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.cpu()
 
 
-def _cell(value: float | int) -> str:
+def _cell(value: float) -> str:
     if isinstance(value, int):
         return f"{value:>11d}"
     return f"{value:>11.4g}" if math.isfinite(value) else f"{value!s:>11}"

@@ -44,19 +44,19 @@ def _variants():
                  "total_hist_out": "*i64", "ranges": "*fp32", "num_layers": "i64"}
     for dtype in (tl.float32, tl.bfloat16, tl.float16):
         for rows, hist, total in ((True, 0, False), (True, 1, False), (True, 2, False), (False, 2, True)):
-            constexprs = dict(DTYPE=dtype, CHUNK=CHUNK, BLOCK=BLOCK, NUM_FIELDS=10, ROWS=rows, HIST=hist,
-                              TOTAL_HIST=total, MIN_EXP=-48, MAX_EXP=15, BINS=64, PADDED_BINS=64)
+            constexprs = {"DTYPE": dtype, "CHUNK": CHUNK, "BLOCK": BLOCK, "NUM_FIELDS": 10, "ROWS": rows, "HIST": hist,
+                              "TOTAL_HIST": total, "MIN_EXP": -48, "MAX_EXP": 15, "BINS": 64, "PADDED_BINS": 64}
             yield (f"tensor_stats[{dtype}, rows={rows}, hist={hist}]", tensor_stats._chunk_kernel, stats_sig,
                    constexprs, tensor_stats.NUM_WARPS)
     pair_sig = {"tensor_table": "*i64", "chunk_table": "*i64", "partials": "*fp64"}
     for dtype in (tl.float32, tl.bfloat16):
         for has_origin in (False, True):
-            constexprs = dict(A_DTYPE=dtype, B_DTYPE=dtype, O_DTYPE=dtype, HAS_ORIGIN=has_origin, ALIGNED=True,
-                              TABLE_STRIDE=8 if has_origin else 6, CHUNK=CHUNK, BLOCK=BLOCK, NUM_FIELDS=5)
+            constexprs = {"A_DTYPE": dtype, "B_DTYPE": dtype, "O_DTYPE": dtype, "HAS_ORIGIN": has_origin, "ALIGNED": True,
+                              "TABLE_STRIDE": 8 if has_origin else 6, "CHUNK": CHUNK, "BLOCK": BLOCK, "NUM_FIELDS": 5}
             yield (f"pair_stats[{dtype}, origin={has_origin}]", pair_stats._pair_chunk_kernel, pair_sig,
                    constexprs, tensor_stats.NUM_WARPS)
     merge_sig = {"tensor_table": "*i64", "chunk_offsets": "*i64", "partials": "*fp64", "rows": "*fp64"}
-    constexprs = dict(TABLE_STRIDE=4, NUM_FIELDS=10, FIRST_MAX_FIELD=6, PADDED_FIELDS=16, MERGE=merge.MERGE_BLOCK)
+    constexprs = {"TABLE_STRIDE": 4, "NUM_FIELDS": 10, "FIRST_MAX_FIELD": 6, "PADDED_FIELDS": 16, "MERGE": merge.MERGE_BLOCK}
     yield "merge", merge._merge_kernel, merge_sig, constexprs, 4
 
 

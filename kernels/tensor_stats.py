@@ -6,9 +6,10 @@ atomics (exact, so still deterministic). Stage 2 (one program per tensor) merges
 fixed order into its output row. A linear histogram over per-layer data ranges runs stage 1 once more in
 histogram-only mode, reading the ranges from device memory.
 
-Within a chunk, Σx and Σx² are accumulated around a shift s (the chunk's first finite element):
-S1 = Σ(x - s), S2 = Σ(x - s)², then Σx = S1 + n·s and Σx² = S2 + 2·s·S1 + n·s² in float64. The variance
-Σx²/N - mean² then keeps its precision when |mean| ≫ std (e.g. LayerNorm weights near 1).
+Each lane keeps Σx and a running (mean, M2) by Welford's update; at the end of a chunk the lanes merge in
+float64 (Chan's formula) into the chunk's Σx and M2, and the row stores Σx² as M2 + (Σx)²/n. Derived
+variances Σx²/N - mean² then keep their precision when |mean| ≫ std (LayerNorm weights near 1), whatever the
+order or outliers of the data; a plain float32 Σx² would lose it.
 """
 
 from __future__ import annotations
@@ -35,18 +36,22 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 @triton.jit
 def _accumulate(
-    x, valid, shift, lo, hi, total_lo, total_hi,
-    s1, s2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
+    x, valid, inv_count, lo, hi, total_lo, total_hi,
+    sum_x, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
     ROWS: tl.constexpr, HIST: tl.constexpr, TOTAL_HIST: tl.constexpr,
     MIN_EXP: tl.constexpr, MAX_EXP: tl.constexpr, BINS: tl.constexpr, PADDED_BINS: tl.constexpr,
 ):
-    """Fold one block of float32 values x (lanes where valid is False are ignored) into the accumulators."""
+    """Fold one block of float32 values x (lanes where valid is False are ignored) into the accumulators.
+
+    inv_count: 1 / (the lane's element count including this one), for Welford's mean and M2 update.
+    """
     abs_x = tl.abs(x)
     finite = abs_x < float("inf")  # False for NaN and ±Inf
     if ROWS:
-        d = tl.where(valid, x - shift, 0.0)
-        s1 += d
-        s2 += d * d
+        sum_x += tl.where(valid, x, 0.0)
+        delta = tl.where(valid, x - mean, 0.0)
+        mean += delta * inv_count
+        m2 += tl.where(valid, delta * (x - mean), 0.0)
         abs_sum += tl.where(valid, abs_x, 0.0)
         max_x = tl.maximum(max_x, tl.where(valid, x, float("-inf")))
         min_x = tl.minimum(min_x, tl.where(valid, x, float("inf")))
@@ -68,7 +73,7 @@ def _accumulate(
             position = tl.math.div_rn((x - total_lo) * BINS, total_hi - total_lo)
             bins = tl.minimum(tl.where(counted, position, 0.0).to(tl.int32), BINS - 1)
             total_hist += tl.histogram(bins, PADDED_BINS, mask=counted)
-    return s1, s2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist
+    return sum_x, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist
 
 
 @triton.jit
@@ -92,8 +97,6 @@ def _chunk_kernel(
     first_full = (lo_idx + BLOCK - 1) // BLOCK
     last_full = hi_idx // BLOCK
 
-    first = tl.load(base + lo_idx).to(tl.float32)
-    shift = tl.where(tl.abs(first) < float("inf"), first, 0.0)
     lo = 0.0
     hi = 1.0
     total_lo = 0.0
@@ -104,8 +107,9 @@ def _chunk_kernel(
         total_lo = tl.load(ranges + 2 * num_layers)
         total_hi = tl.load(ranges + 2 * num_layers + 1)
 
-    s1 = tl.zeros([BLOCK], tl.float32)
-    s2 = tl.zeros([BLOCK], tl.float32)
+    sum_x = tl.zeros([BLOCK], tl.float32)
+    mean = tl.zeros([BLOCK], tl.float32)
+    m2 = tl.zeros([BLOCK], tl.float32)
     abs_sum = tl.zeros([BLOCK], tl.float32)
     max_x = tl.full([BLOCK], float("-inf"), tl.float32)
     min_x = tl.full([BLOCK], float("inf"), tl.float32)
@@ -122,36 +126,39 @@ def _chunk_kernel(
         offs = block * BLOCK + lanes
         ptrs = tl.max_contiguous(tl.multiple_of(base + offs, 16), BLOCK)
         x = tl.load(ptrs).to(tl.float32)
-        s1, s2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist = _accumulate(
-            x, all_valid, shift, lo, hi, total_lo, total_hi,
-            s1, s2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
+        inv_count = 1.0 / (block - first_full + 1).to(tl.float32)  # the same for every lane
+        sum_x, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist = _accumulate(
+            x, all_valid, inv_count, lo, hi, total_lo, total_hi,
+            sum_x, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
             ROWS, HIST, TOTAL_HIST, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
     # The partial blocks at either end of the chunk (empty when lo_idx / hi_idx are block-aligned).
-    head_offs = (lo_idx // BLOCK) * BLOCK + lanes
-    tail_offs = last_full * BLOCK + lanes
+    count = tl.zeros([BLOCK], tl.float32) + tl.maximum(last_full - first_full, 0).to(tl.float32)
     for edge in tl.static_range(2):
         if edge == 0:
-            offs = head_offs
+            offs = (lo_idx // BLOCK) * BLOCK + lanes
             valid = (offs >= lo_idx) & (offs < tl.minimum(hi_idx, first_full * BLOCK))
         else:
-            offs = tail_offs
+            offs = last_full * BLOCK + lanes
             valid = (offs >= tl.maximum(first_full, last_full) * BLOCK) & (offs < hi_idx)
         x = tl.load(base + offs, mask=valid, other=0.0).to(tl.float32)
-        s1, s2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist = _accumulate(
-            x, valid, shift, lo, hi, total_lo, total_hi,
-            s1, s2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
+        count += valid.to(tl.float32)
+        inv_count = 1.0 / tl.maximum(count, 1.0)
+        sum_x, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist = _accumulate(
+            x, valid, inv_count, lo, hi, total_lo, total_hi,
+            sum_x, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
             ROWS, HIST, TOTAL_HIST, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
 
     if ROWS:
+        # Chan's merge of the lanes' (count, mean, M2), in float64.
         n = (hi_idx - lo_idx).to(tl.float64)
-        s = shift.to(tl.float64)
-        sum1 = tl.sum(s1, 0).to(tl.float64)
-        sum2 = tl.sum(s2, 0).to(tl.float64)
+        chunk_sum = tl.sum(sum_x.to(tl.float64), 0)
+        deviation = mean.to(tl.float64) - chunk_sum / n
+        chunk_m2 = tl.sum(m2.to(tl.float64) + count.to(tl.float64) * deviation * deviation, 0)
         row = partials + pid * NUM_FIELDS  # field order of fastgradstats.rows
         tl.store(row + 0, n)
-        tl.store(row + 1, sum1 + n * s)
-        tl.store(row + 2, sum2 + 2.0 * s * sum1 + n * s * s)
-        tl.store(row + 3, tl.sum(abs_sum, 0).to(tl.float64))
+        tl.store(row + 1, chunk_sum)
+        tl.store(row + 2, chunk_m2 + chunk_sum * chunk_sum / n)
+        tl.store(row + 3, tl.sum(abs_sum.to(tl.float64), 0))
         tl.store(row + 4, tl.sum(zeros, 0).to(tl.float64))
         tl.store(row + 5, tl.sum(nonfinite, 0).to(tl.float64))
         tl.store(row + 6, tl.max(max_x, 0).to(tl.float64))
@@ -167,7 +174,7 @@ def _chunk_kernel(
 
 def check_sizes(chunk_size: int, block_size: int) -> None:
     """Blocks must be powers of two of at least 16 elements (16-byte alignment of full blocks) dividing chunks."""
-    if block_size < 16 or block_size & (block_size - 1) or chunk_size % block_size:
+    if block_size < 16 or block_size & (block_size - 1) or chunk_size < block_size or chunk_size % block_size:
         raise ValueError(
             f"block_size must be a power of two >= 16 that divides chunk_size, got {block_size} and {chunk_size}"
         )
