@@ -89,6 +89,8 @@ def _validate(
     if isinstance(tensors, (torch.Tensor, str)) or not isinstance(tensors, Iterable):
         raise TypeError(f"{caller}: tensors must be a sequence of tensors, got {type(tensors).__name__}")
     tensors = list(tensors)
+    if isinstance(names, str):
+        raise TypeError(f"{caller}: names must be a sequence of str, got the str {names!r}")
     if names is None:
         names = [str(i) for i in range(len(tensors))]
     else:

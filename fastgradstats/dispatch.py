@@ -31,13 +31,18 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend that will run for tensors on ``device``; raises ValueError for an unusable choice."""
+def resolve_backend(backend: str | None, device: torch.device | None) -> str:
+    """The backend that will run for tensors on ``device`` (None: no tensors, so "torch" once the name is valid).
+
+    Raises ValueError for an unknown or unusable choice.
+    """
     name = backend if backend is not None else os.environ.get("FASTGRADSTATS_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {name!r}")
+    if device is None:
+        return "torch"
     if name is None:
         return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be None, 'torch' or 'triton', got {name!r}")
     if name == "triton":
         if not triton_available():
             raise ValueError("backend 'triton' needs the triton package: pip install 'fastgradstats[triton]'")
@@ -46,22 +51,22 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return name
 
 
+@torch.no_grad()
 def raw_stats(tensors: Sequence[torch.Tensor], spec: HistSpec | None, backend: str | None) -> RawStats:
     """Raw rows of validated tensors (one device, floating dtypes) from the chosen backend."""
-    if not tensors:
-        return torch_backend.raw_stats([], spec)
-    if resolve_backend(backend, tensors[0].device) == "torch":
+    if resolve_backend(backend, tensors[0].device if tensors else None) == "torch":
         return torch_backend.raw_stats(tensors, spec)
     from fastgradstats.kernels import raw_stats as triton_raw_stats
 
     return triton_raw_stats([flat_elements(t) for t in tensors], spec)
 
 
+@torch.no_grad()
 def pair_raw_stats(
     a: list[torch.Tensor], b: list[torch.Tensor], origin: list[torch.Tensor] | None, backend: str | None
 ) -> torch.Tensor:
     """Pair rows [L, PAIR_K] of validated 1-D tensors in matching element order, from the chosen backend."""
-    if not a or resolve_backend(backend, a[0].device) == "torch":
+    if resolve_backend(backend, a[0].device if a else None) == "torch":
         return torch_backend.pair_raw_stats(a, b, origin)
     from fastgradstats.kernels import pair_raw_stats as triton_pair_raw_stats
 

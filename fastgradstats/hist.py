@@ -50,7 +50,7 @@ class HistSpec:
         if hist is None:
             return None
         if hist == "log2":
-            if not (isinstance(min_exp, int) and isinstance(max_exp, int)):
+            if not all(isinstance(e, int) and not isinstance(e, bool) for e in (min_exp, max_exp)):
                 raise TypeError(f"min_exp and max_exp must be ints, got {min_exp!r} and {max_exp!r}")
             if min_exp > max_exp:
                 raise ValueError(f"min_exp ({min_exp}) must be <= max_exp ({max_exp})")

@@ -67,7 +67,12 @@ def merge_rows(rows: torch.Tensor, first_max: int = FIRST_MAX) -> torch.Tensor:
 
     Fields before ``first_max`` add, the others take the maximum (pair rows: ``first_max=PAIR_K``).
     """
-    return torch.cat([rows[..., :first_max].sum(-2), rows[..., first_max:].amax(-2)], dim=-1)
+    sums = rows[..., :first_max].sum(-2)
+    if rows.shape[-2] == 0:  # nothing merged: the row of an empty layer
+        maxima = rows.new_full((*rows.shape[:-2], rows.shape[-1] - first_max), float("-inf"))
+    else:
+        maxima = rows[..., first_max:].amax(-2)
+    return torch.cat([sums, maxima], dim=-1)
 
 
 def derive(rows: torch.Tensor) -> dict[str, torch.Tensor]:

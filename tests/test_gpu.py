@@ -1,0 +1,246 @@
+"""GPU-only checks (skipped without CUDA): the Triton kernels on CUDA tensors against the torch backend, no host
+sync in any statistics or clipping call, and a single tensor of more than 2^31 elements."""
+
+import contextlib
+
+import pytest
+import torch
+from conftest import requires_cuda
+
+import fastgradstats as fgs
+from fastgradstats.dense import is_dense
+from fastgradstats.dispatch import resolve_backend
+
+pytestmark = [pytest.mark.gpu, requires_cuda]
+
+DEVICE = "cuda"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+COUNT_FIELDS = ("numel", "zeros", "nonfinite")
+EXACT_FIELDS = ("min", "max", "linf")
+HISTOGRAMS = [
+    pytest.param(None, {}, id="no-hist"),
+    pytest.param("log2", {}, id="log2"),
+    pytest.param("log2", {"min_exp": -20, "max_exp": 3}, id="log2-clamped"),
+    pytest.param("linear", {"bins": 37}, id="linear"),
+    pytest.param("linear", {"bins": 16, "range": (-1.0, 1.0)}, id="linear-range"),
+]
+
+
+@pytest.fixture(autouse=True)
+def automatic_backend(monkeypatch):
+    """Calls without ``backend=`` must pick the Triton kernels for CUDA tensors."""
+    pytest.importorskip("fastgradstats.kernels")
+    monkeypatch.delenv("FASTGRADSTATS_BACKEND", raising=False)
+
+
+def make_layers(dtype, seed=0):
+    """Layers that stress the kernels: many chunks, odd sizes, a transposed and a strided view, an empty and a
+    0-d tensor, zeros, NaN and ±Inf, tiny (fp16-subnormal) and large values, a mean far from zero."""
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, device=DEVICE) * scale).to(dtype)
+
+    with_zeros = randn(5003)
+    with_zeros[::7] = 0
+    with_inf = randn(999)
+    with_inf[10], with_inf[11] = float("inf"), float("-inf")
+    with_nan = randn(77)
+    with_nan[5] = float("nan")
+    return [
+        randn(300_001, scale=0.01),
+        randn(129, 257).t(),
+        torch.empty(0, device=DEVICE, dtype=dtype),
+        with_zeros,
+        randn(64, 64)[:, ::2],
+        with_inf,
+        torch.full((), 3.0, device=DEVICE, dtype=dtype),
+        with_nan,
+        randn(1000, scale=1e-6),
+        randn(1000, scale=1e3),
+        randn(70_000, scale=0.01) + 1,
+    ]
+
+
+def assert_within(actual, expected, tolerance, field):
+    """Elementwise |actual - expected| <= tolerance, where NaN matches NaN and equal infinities match."""
+    ok = ((actual - expected).abs() <= tolerance) | (actual == expected) | (actual.isnan() & expected.isnan())
+    assert ok.all(), f"{field}: {actual.tolist()} != {expected.tolist()}"
+
+
+def assert_same_stats(fused, reference):
+    """Counts, extremes and histograms exactly; sums, norms and moments to float32 accumulation accuracy."""
+    for field in (*COUNT_FIELDS, *EXACT_FIELDS):
+        assert_within(getattr(fused, field), getattr(reference, field), 0, field)
+    mean_abs = reference.l1 / reference.numel.clamp_min(1)
+    rms = reference.l2 / reference.numel.clamp_min(1).sqrt()
+    assert_within(fused.sum, reference.sum, 1e-5 * reference.l1 + 1e-30, "sum")
+    assert_within(fused.mean, reference.mean, 1e-5 * mean_abs + 1e-30, "mean")
+    assert_within(fused.l1, reference.l1, 1e-5 * reference.l1, "l1")
+    assert_within(fused.l2, reference.l2, 1e-5 * reference.l2, "l2")
+    assert_within(fused.std, reference.std, 1e-4 * reference.std + 1e-6 * rms, "std")
+    assert (fused.hist is None) == (reference.hist is None)
+    if reference.hist is not None:
+        assert torch.equal(fused.hist, reference.hist)
+        assert torch.equal(fused.hist_edges, reference.hist_edges)
+
+
+@contextlib.contextmanager
+def sync_is_an_error():
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def read_every_field(stats):
+    """Touch every derived field (they are computed lazily) and the histograms, without leaving the device."""
+    for source in (stats, stats.total):
+        for field in (*COUNT_FIELDS, *EXACT_FIELDS, "sum", "mean", "std", "l1", "l2"):
+            getattr(source, field)
+        _ = source.hist, source.hist_edges
+
+
+def grad_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.GELU(), torch.nn.Linear(96, 10))
+    model = model.to(DEVICE, dtype)
+    model(torch.randn(32, 48, device=DEVICE, dtype=dtype)).float().square().mean().backward()
+    return model
+
+
+# --- Triton on CUDA equals the torch backend -----------------------------------------------------------------
+
+
+def test_auto_backend_on_cuda_is_triton():
+    assert resolve_backend(None, torch.device(DEVICE)) == "triton"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("hist", "hist_kwargs"), HISTOGRAMS)
+def test_triton_equals_torch_backend(dtype, hist, hist_kwargs):
+    layers = make_layers(dtype)
+    fused = fgs.tensor_stats(layers, hist=hist, backend="triton", **hist_kwargs)
+    reference = fgs.tensor_stats(layers, hist=hist, backend="torch", **hist_kwargs)
+    assert fused.rows.device == layers[0].device
+    assert_same_stats(fused, reference)
+    assert_same_stats(fused.total, reference.total)
+
+
+@pytest.mark.parametrize(("hist", "hist_kwargs"), HISTOGRAMS)
+def test_triton_equals_torch_backend_on_mixed_dtypes(hist, hist_kwargs):
+    layers = [t for seed, dtype in enumerate(DTYPES) for t in make_layers(dtype, seed)]
+    fused = fgs.tensor_stats(layers, hist=hist, backend="triton", **hist_kwargs)
+    reference = fgs.tensor_stats(layers, hist=hist, backend="torch", **hist_kwargs)
+    assert_same_stats(fused, reference)
+    assert_same_stats(fused.total, reference.total)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_stats_and_clipping_on_cuda_match_torch(dtype):
+    model = grad_model(dtype)
+    tolerance = {"rtol": 1e-5, "atol": 0} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-5}
+    stats = fgs.grad_stats(model, hist="log2")
+    assert_same_stats(stats, fgs.grad_stats(model, hist="log2", backend="torch"))
+    grads = [p.grad for p in model.parameters()]
+    torch.testing.assert_close(stats.total.l2, torch.nn.utils.get_total_norm(grads).float(), **tolerance)
+
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+    for copy, grad in zip(theirs, grads):
+        copy.grad = grad.clone()
+    ours_norm = fgs.clip_grad_norm_(model.parameters(), 0.01)
+    torch.testing.assert_close(ours_norm, torch.nn.utils.clip_grad_norm_(theirs, 0.01), **tolerance)
+    for p, copy in zip(model.parameters(), theirs):
+        torch.testing.assert_close(p.grad, copy.grad, **tolerance)
+
+
+# --- no host sync --------------------------------------------------------------------------------------------
+
+
+def test_sync_debug_mode_catches_a_sync():
+    with pytest.raises(RuntimeError, match="synchroniz"), sync_is_an_error():
+        torch.ones(1, device=DEVICE).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("hist", "hist_kwargs"), HISTOGRAMS)
+def test_tensor_stats_does_not_sync(dtype, hist, hist_kwargs):
+    layers = [t for t in make_layers(dtype) if is_dense(t)]  # a strided view is copied: new address each call
+    warm = fgs.tensor_stats(layers, hist=hist, **hist_kwargs)  # compiles the kernels, caches the segment table
+    read_every_field(warm)
+    with sync_is_an_error():
+        stats = fgs.tensor_stats(layers, hist=hist, **hist_kwargs)
+        read_every_field(stats)
+    assert_same_stats(stats, warm)
+
+
+def test_stats_of_new_tensors_do_not_sync():
+    """A cold segment-table cache (new addresses) builds the table on the host and copies it without a sync."""
+    fgs.tensor_stats(make_layers(torch.float32, seed=1), hist="log2")
+    layers = [torch.randn(1000 + i, device=DEVICE) for i in range(7)]
+    with sync_is_an_error():
+        stats = fgs.tensor_stats(layers, hist="log2")
+        read_every_field(stats)
+    torch.testing.assert_close(stats.l2, torch.stack([t.norm() for t in layers]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_and_param_stats_do_not_sync(dtype):
+    model = grad_model(dtype)
+    for call in (fgs.grad_stats, fgs.param_stats):
+        read_every_field(call(model, hist="log2"))
+    with sync_is_an_error():
+        for call in (fgs.grad_stats, fgs.param_stats):
+            read_every_field(call(model, hist="log2"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("norm_type", [2.0, float("inf"), 1.0])
+@pytest.mark.parametrize("return_stats", [False, True])
+def test_clip_grad_norm_does_not_sync(dtype, norm_type, return_stats):
+    model = grad_model(dtype)
+    fgs.clip_grad_norm_(model.parameters(), 1e-3, norm_type, return_stats=return_stats)
+    with sync_is_an_error():
+        result = fgs.clip_grad_norm_(model.parameters(), 1e-3, norm_type, return_stats=return_stats)
+        if return_stats:
+            read_every_field(result[1])
+    total_norm = result[0] if return_stats else result
+    assert total_norm.device.type == "cuda" and total_norm.dtype == dtype
+
+
+# --- more than 2^31 elements ---------------------------------------------------------------------------------
+
+
+def test_single_tensor_over_2_31_elements():
+    numel = 2**31 + 4099
+    free, _ = torch.cuda.mem_get_info()
+    if free < numel * 2 + (2 << 30):
+        pytest.skip(f"needs about {(numel * 2 + (2 << 30)) / 2**30:.1f} GiB free GPU memory, {free / 2**30:.1f} free")
+    before, after = torch.randn(1000, device=DEVICE), torch.randn(3, 333, device=DEVICE)
+    big = torch.ones(numel, device=DEVICE, dtype=torch.bfloat16)
+    big[0], big[2**31], big[2**31 + 5], big[-1] = -3.0, 4.0, 0.0, 0.5  # extremes and a zero past 2^31
+
+    stats = fgs.tensor_stats([before, big, after], names=["before", "big", "after"], hist="log2", min_exp=-4,
+                             max_exp=4, backend="triton")
+    torch.cuda.synchronize()
+    assert stats.numel[1].item() == numel
+    assert stats.zeros[1].item() == 1 and stats.nonfinite[1].item() == 0
+    assert (stats.min[1].item(), stats.max[1].item(), stats.linf[1].item()) == (-3.0, 4.0, 4.0)
+    expected_hist = [0] * 9
+    expected_hist[0 + 4] = numel - 4  # the ones
+    expected_hist[1 + 4] += 1  # -3
+    expected_hist[2 + 4] += 1  # 4
+    expected_hist[-1 + 4] += 1  # 0.5
+    assert stats.hist[1].tolist() == expected_hist
+    sum_of_squares = (numel - 4) + 9 + 16 + 0.25
+    assert stats.l2[1].item() == pytest.approx(sum_of_squares**0.5, rel=1e-6)
+    assert stats.sum[1].item() == pytest.approx(numel - 4 - 3 + 4 + 0.5, rel=1e-6)
+
+    reference = fgs.tensor_stats([before, after], hist="log2", min_exp=-4, max_exp=4, backend="torch")
+    for fused_row, reference_row in ((0, 0), (2, 1)):  # the layers around the big one keep their own rows
+        assert torch.equal(stats.hist[fused_row], reference.hist[reference_row])
+        torch.testing.assert_close(stats.l2[fused_row], reference.l2[reference_row])
+        assert stats.numel[fused_row] == reference.numel[reference_row]
