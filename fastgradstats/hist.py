@@ -86,16 +86,21 @@ def log2_edges(spec: HistSpec, device: torch.device | str = "cpu") -> torch.Tens
 def linear_ranges(spec: HistSpec, rows: torch.Tensor) -> torch.Tensor:
     """float32 [L + 1, 2] (lo, hi) of each layer, then of all layers together, for a linear histogram.
 
-    From ``spec.range`` when given, else from the finite min and max in the raw rows (on the device: no sync).
+    From ``spec.range`` when given, else from the finite min and max in the raw rows (on the device: no sync),
+    widened like ``torch.histc`` where lo == hi in float32: to (min(lo - 1, lo⁻), max(hi + 1, hi⁺)) with x⁻/x⁺
+    the neighbouring float32 values (no finite element: (-1, 1)).
     """
     num_layers = rows.shape[0]
     if spec.range is not None:
         ranges = torch.empty(num_layers + 1, 2, dtype=torch.float32, device=rows.device)
         ranges[:, 0], ranges[:, 1] = spec.range  # fills on the device: no host-to-device copy, no sync
         return ranges
-    per_layer = finite_range(rows)
-    overall = finite_range(merge_rows(rows))
-    return torch.cat([per_layer, overall[None]]).to(torch.float32)
+    ranges = torch.cat([finite_range(rows), finite_range(merge_rows(rows))[None]]).to(torch.float32)
+    lo, hi = ranges.unbind(-1)
+    same = lo == hi
+    wider_lo = torch.minimum(lo - 1, torch.nextafter(lo, torch.full_like(lo, float("-inf"))))
+    wider_hi = torch.maximum(hi + 1, torch.nextafter(hi, torch.full_like(hi, float("inf"))))
+    return torch.stack([torch.where(same, wider_lo, lo), torch.where(same, wider_hi, hi)], dim=-1)
 
 
 def linear_edges(ranges: torch.Tensor, bins: int) -> torch.Tensor:
