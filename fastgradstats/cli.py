@@ -1,12 +1,17 @@
 """The ``fastgradstats`` command.
 
     fastgradstats demo [--steps 30] [--every 10] [--seed 0] [--backend torch|triton]
+    fastgradstats bench [--workload NAME ...] [--family NAME ...] [--repeats N] [--device cpu|cuda]
+                        [--backend torch|triton] [--results PATH] [--no-save]
 
 ``demo`` trains a tiny randomly initialised GPT-2 (a small MLP when transformers is not installed) on the CPU
 with AdamW, on a synthetic stream that repeats one random 16-token pattern, so the loss visibly falls. Every
 step clips the gradients with :func:`fastgradstats.clip_grad_norm_` and prints the loss and the gradient norm;
 every ``--every`` steps it also prints the per-layer table of :func:`fastgradstats.grad_stats` and the log2
 histogram of all gradients. Nothing is downloaded.
+
+``bench`` times the statistics against the usual PyTorch baselines on model-shaped random tensors and appends
+the rows to a JSON-lines results file; see :mod:`fastgradstats.bench`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import fastgradstats as fgs
+from fastgradstats import bench
 from fastgradstats.dispatch import resolve_backend
 
 VOCAB = 256
@@ -37,7 +43,23 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default 0)")
     demo.add_argument("--backend", choices=["torch", "triton"], default=None,
                       help="statistics backend (default: automatic)")
+    bench_parser = commands.add_parser("bench", help="time the statistics against the usual PyTorch baselines")
+    bench_parser.add_argument("--workload", action="append", choices=list(bench.WORKLOADS),
+                              help="tensor shapes to measure, repeatable (default: gpt2-small on the CPU; "
+                                   "gpt2-small, 1b, 7b and many-small on CUDA; tiny is for smoke tests)")
+    bench_parser.add_argument("--family", action="append", choices=list(bench.FAMILIES),
+                              help="statistic family, repeatable (default: all)")
+    bench_parser.add_argument("--repeats", type=int, default=None,
+                              help="timed calls per candidate, median reported (default 5 on CPU, 20 on CUDA)")
+    bench_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench_parser.add_argument("--backend", choices=["torch", "triton"], default=None,
+                              help="statistics backend (default: automatic)")
+    bench_parser.add_argument("--results", default=str(bench.DEFAULT_RESULTS),
+                              help=f"JSON-lines file the rows are appended to (default {bench.DEFAULT_RESULTS})")
+    bench_parser.add_argument("--no-save", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return run_bench(bench_parser, args)
     if args.steps < 1 or args.every < 1:
         demo.error("--steps and --every must be >= 1")
     try:
@@ -45,6 +67,25 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # e.g. --backend triton without TRITON_INTERPRET=1 (the demo runs on the CPU)
         demo.error(str(error))
     run_demo(args.steps, args.every, args.seed, args.backend)
+    return 0
+
+
+def run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Check the ``bench`` options, then run :func:`fastgradstats.bench.run`."""
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:
+        parser.error(str(error))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    try:
+        resolve_backend(args.backend, device)
+    except ValueError as error:
+        parser.error(str(error))
+    bench.run(args.workload, args.family, repeats=args.repeats, device=device, backend=args.backend,
+              results=None if args.no_save else args.results)
     return 0
 
 

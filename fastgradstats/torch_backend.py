@@ -1,21 +1,39 @@
 """The pure-PyTorch backend: the reference the Triton kernels are tested against, and the CPU path.
 
-It walks each tensor in chunks of ``chunk_size`` elements (so scratch memory is O(chunk), never O(model)),
-accumulates every raw field in float64 and bins histograms exactly as the kernels do. It never syncs with
-the host, so it is also safe on CUDA tensors.
+Each tensor is walked in chunks of ``chunk_size`` elements, converted (bf16/fp16) into a reusable float32
+buffer, so scratch memory is O(chunk), never O(model), and the handful of passes over a chunk hit the cache.
+Within a chunk, torch reductions accumulate in float32 (Σx², for the variance, around the chunk mean); chunk
+rows merge in float64. Histograms are binned exactly as the kernels bin them. Nothing here syncs with a CUDA
+device; on the CPU a finite Σ|x| lets a chunk skip the search for NaN and Inf.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
 from .dense import flat_elements
 from .hist import HistSpec, linear_ranges
-from .rows import PAIR_K, RawStats, empty_rows, merge_rows
+from .rows import PAIR_K, ZEROS, RawStats, empty_rows, merge_rows
 
-DEFAULT_CHUNK_SIZE = 1 << 22
+DEFAULT_CHUNK_SIZE = 1 << 20  # 4 MB of float32: fits in cache next to its scratch buffer
+
+
+class _Scratch:
+    """Chunk-sized buffers reused across chunks (allocating per chunk would fault in fresh pages each time)."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.size, self.device = size, device
+        self.buffers: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two buffers of n elements of dtype: one for converted values, one for intermediate results."""
+        if dtype not in self.buffers:
+            self.buffers[dtype] = tuple(torch.empty(self.size, dtype=dtype, device=self.device) for _ in range(2))
+        converted, work = self.buffers[dtype]
+        return converted[:n], work[:n]
 
 
 def raw_stats(
@@ -28,14 +46,17 @@ def raw_stats(
     hist = torch.zeros(num_layers, spec.bins, dtype=torch.int64, device=device) if spec else None
     rows = empty_rows(num_layers, device)
     fixed_range = _fixed_range(spec, device) if one_pass_hist and spec.kind == "linear" else None
+    scratch = _Scratch(min(chunk_size, max((t.numel() for t in tensors), default=0)), device)
 
     for layer, t in enumerate(tensors):
-        chunk_rows = [_chunk_row(piece) for piece in _chunks(t, chunk_size)]
+        chunk_rows = []
+        for piece in _chunks(t, chunk_size):
+            x, work = _as_float(piece, scratch)
+            chunk_rows.append(_chunk_row(x, work))
+            if one_pass_hist:
+                _add_to_hist(hist[layer], x, work, spec, fixed_range, chunk_rows[-1][ZEROS])
         if chunk_rows:
             rows[layer] = merge_rows(torch.stack(chunk_rows))
-        if one_pass_hist:
-            for piece in _chunks(t, chunk_size):
-                _add_to_hist(hist[layer], piece, spec, fixed_range)
 
     total_hist = None
     if spec is not None and not one_pass_hist:
@@ -43,8 +64,9 @@ def raw_stats(
         total_hist = torch.zeros(spec.bins, dtype=torch.int64, device=device)
         for layer, t in enumerate(tensors):
             for piece in _chunks(t, chunk_size):
-                _add_to_hist(hist[layer], piece, spec, ranges[layer])
-                _add_to_hist(total_hist, piece, spec, ranges[-1])
+                x, work = _as_float(piece, scratch)
+                _add_to_hist(hist[layer], x, work, spec, ranges[layer])
+                _add_to_hist(total_hist, x, work, spec, ranges[-1])
     return RawStats(rows, hist, total_hist)
 
 
@@ -52,24 +74,45 @@ def _chunks(t: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, ...]:
     return flat_elements(t).split(chunk_size) if t.numel() else ()
 
 
-def _chunk_row(piece: torch.Tensor) -> torch.Tensor:
-    x = piece.to(torch.float64)
-    finite = x.isfinite()
-    neg_inf = torch.full((), float("-inf"), dtype=torch.float64, device=x.device)
-    return torch.stack(
-        [
-            torch.full((), x.numel(), dtype=torch.float64, device=x.device),
-            x.sum(),
-            (x * x).sum(),
-            x.abs().sum(),
-            (x == 0).sum().to(torch.float64),
-            (~finite).sum().to(torch.float64),
-            x.max(),
-            (-x).max(),
-            torch.where(finite, x, neg_inf).max(),
-            torch.where(finite, -x, neg_inf).max(),
-        ]
-    )
+def _as_float(piece: torch.Tensor, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk as float32 (float64 stays float64), and a work buffer of the same dtype and size."""
+    dtype = torch.float64 if piece.dtype == torch.float64 else torch.float32
+    converted, work = scratch.get(dtype, piece.numel())
+    return (piece if piece.dtype == dtype else converted.copy_(piece)), work
+
+
+def _chunk_row(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    """The float64 raw row of one chunk x (float32 or float64, 1-D, non-empty); ``work`` is overwritten."""
+    n = x.numel()
+    total = x.sum()
+    lo, hi = torch.aminmax(x)
+    # Deviations d = (x - c)·u from c, float32's estimate of the mean (0 if that is not finite), scaled by a
+    # power of two u near 1/max|x| so that squares neither underflow nor overflow. Then, in float64,
+    # Σx = n·c + Σd/u and M2 = Σ(x - mean)² = (Σd² - (Σd)²/n) / u²: both keep their precision when
+    # |mean| ≫ std, where a plain float32 Σx would not.
+    center = total / n
+    center = torch.where(center.isfinite(), center, 0.0)
+    exponent = torch.frexp(torch.maximum(-lo, hi)).exponent
+    unit = torch.ldexp(torch.ones_like(total), -exponent)
+    scaled = torch.sub(x, center, out=work).mul_(unit)
+    scaled_sum = scaled.sum().double()
+    inv_unit = 1.0 / unit.double()
+    total = n * center.double() + scaled_sum * inv_unit
+    m2 = (torch.dot(scaled, scaled).double() - scaled_sum * scaled_sum / n) * inv_unit * inv_unit
+    abs_sum = torch.abs(x, out=work).sum()
+    zeros = n - torch.count_nonzero(x)
+    if x.device.type == "cpu" and math.isfinite(abs_sum):  # no NaN or Inf here (free to check on the CPU)
+        nonfinite, finite_lo, finite_hi = torch.zeros_like(total), lo, hi
+    else:
+        finite = torch.isfinite(x)
+        nonfinite = n - finite.sum()
+        finite_hi = torch.where(finite, x, float("-inf")).max()
+        finite_lo = torch.where(finite, x, float("inf")).min()
+    f64 = torch.float64
+    return torch.stack([
+        torch.full_like(total, n), total, m2 + total * total / n, abs_sum.to(f64), zeros.to(f64),
+        nonfinite.to(f64), hi.to(f64), -lo.to(f64), finite_hi.to(f64), -finite_lo.to(f64),
+    ])  # Σx² = M2 + (Σx)²/n
 
 
 def _fixed_range(spec: HistSpec, device: torch.device) -> torch.Tensor:
@@ -77,24 +120,49 @@ def _fixed_range(spec: HistSpec, device: torch.device) -> torch.Tensor:
     return torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in (lo, hi)])
 
 
-def _add_to_hist(hist: torch.Tensor, piece: torch.Tensor, spec: HistSpec, lo_hi: torch.Tensor | None) -> None:
-    """Add the bin counts of one chunk into hist [B] (int64, in place)."""
-    x = piece.to(torch.float32)
-    finite = x.isfinite()
+def _add_to_hist(
+    hist: torch.Tensor,
+    x: torch.Tensor,
+    work: torch.Tensor,
+    spec: HistSpec,
+    lo_hi: torch.Tensor | None,
+    zeros: torch.Tensor | None = None,
+) -> None:
+    """Add the bin counts of one chunk x into hist [B] (int64, in place); ``work`` is overwritten.
+
+    ``zeros`` (the chunk's zero count) is needed for log2 histograms.
+    """
     if spec.kind == "log2":
-        exponent = ((x.view(torch.int32) >> 23) & 0xFF) - 127
-        bins = exponent.clamp(spec.min_exp, spec.max_exp) - spec.min_exp
-        counted = finite & (x != 0)
-    else:
-        lo, hi = lo_hi[0], lo_hi[1]
-        counted = finite & (x >= lo) & (x <= hi)
-        position = torch.where(counted, (x - lo) * spec.bins / (hi - lo), 0)
-        bins = position.to(torch.int64).clamp_max(spec.bins - 1)
+        hist += _log2_counts(x, work, spec, zeros)
+        return
+    x = x.to(torch.float32)
+    lo, hi = lo_hi[0], lo_hi[1]
+    counted = x.isfinite() & (x >= lo) & (x <= hi)
+    position = torch.where(counted, (x - lo) * spec.bins / (hi - lo), 0)
     # Uncounted elements go to a spill bin past the end, so nothing here depends on data (no sync).
-    bins = torch.where(counted, bins.to(torch.int64), spec.bins)
+    bins = torch.where(counted, position.to(torch.int64).clamp_max(spec.bins - 1), spec.bins)
     counts = torch.zeros(spec.bins + 1, dtype=torch.int64, device=x.device)
     counts.index_add_(0, bins, torch.ones_like(bins))
     hist += counts[: spec.bins]
+
+
+def _log2_counts(x: torch.Tensor, work: torch.Tensor, spec: HistSpec, zeros: torch.Tensor) -> torch.Tensor:
+    """int64 [B] log2-bin counts of x, from a count of x's 256 float32 exponent-field values."""
+    bits = x.view(torch.int32) if x.dtype == torch.float32 else x.to(torch.float32).view(torch.int32)
+    field = torch.bitwise_right_shift(bits, 23, out=work.view(torch.int32)[: x.numel()]).bitwise_and_(0xFF)
+    if x.device.type == "cpu":
+        per_field = torch.bincount(field, minlength=256)
+    else:  # bincount sizes its output from the data's maximum: a sync on CUDA
+        per_field = torch.zeros(256, dtype=torch.int64, device=x.device)
+        per_field.scatter_add_(0, field.long(), torch.ones_like(field, dtype=torch.int64))
+    # Field 0 holds zeros (not binned) and subnormals (below 2^-126: the first bin); field 255 NaN and Inf.
+    per_field[0] -= zeros.to(torch.int64)
+    exponents = torch.arange(256, device=x.device) - 127
+    bins = exponents.clamp(spec.min_exp, spec.max_exp) - spec.min_exp
+    bins[255] = spec.bins
+    counts = torch.zeros(spec.bins + 1, dtype=torch.int64, device=x.device)
+    counts.index_add_(0, bins, per_field)
+    return counts[: spec.bins]
 
 
 def pair_raw_stats(

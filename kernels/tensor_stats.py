@@ -6,10 +6,11 @@ atomics (exact, so still deterministic). Stage 2 (one program per tensor) merges
 fixed order into its output row. A linear histogram over per-layer data ranges runs stage 1 once more in
 histogram-only mode, reading the ranges from device memory.
 
-Each lane keeps Σx and a running (mean, M2) by Welford's update; at the end of a chunk the lanes merge in
-float64 (Chan's formula) into the chunk's Σx and M2, and the row stores Σx² as M2 + (Σx)²/n. Derived
-variances Σx²/N - mean² then keep their precision when |mean| ≫ std (LayerNorm weights near 1), whatever the
-order or outliers of the data; a plain float32 Σx² would lose it.
+Each lane works on deviations d = x - c from the chunk's center c (the mean of its first block, or 0 if that
+is not finite): it keeps Σd and a running (mean, M2) of d by Welford's update. At the end of a chunk the
+lanes merge in float64 (Chan's formula) into Σx = n·c + Σd and M2, and the row stores Σx² as
+M2 + (Σx)²/n. Derived variances Σx²/N - mean² then keep their precision when |mean| ≫ std (LayerNorm weights
+near 1) whatever the order of the data or its outliers, where plain float32 Σx and Σx² would lose it.
 """
 
 from __future__ import annotations
@@ -36,22 +37,23 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 @triton.jit
 def _accumulate(
-    x, valid, inv_count, lo, hi, total_lo, total_hi,
-    sum_x, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
+    x, valid, center, inv_count, lo, hi, total_lo, total_hi,
+    sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
     ROWS: tl.constexpr, HIST: tl.constexpr, TOTAL_HIST: tl.constexpr,
     MIN_EXP: tl.constexpr, MAX_EXP: tl.constexpr, BINS: tl.constexpr, PADDED_BINS: tl.constexpr,
 ):
     """Fold one block of float32 values x (lanes where valid is False are ignored) into the accumulators.
 
-    inv_count: 1 / (the lane's element count including this one), for Welford's mean and M2 update.
+    center: the chunk's shift c; inv_count: 1 / (the lane's element count including this one), for Welford.
     """
     abs_x = tl.abs(x)
     finite = abs_x < float("inf")  # False for NaN and ±Inf
     if ROWS:
-        sum_x += tl.where(valid, x, 0.0)
-        delta = tl.where(valid, x - mean, 0.0)
+        d = x - center
+        sum_d += tl.where(valid, d, 0.0)
+        delta = tl.where(valid, d - mean, 0.0)
         mean += delta * inv_count
-        m2 += tl.where(valid, delta * (x - mean), 0.0)
+        m2 += tl.where(valid, delta * (d - mean), 0.0)
         abs_sum += tl.where(valid, abs_x, 0.0)
         max_x = tl.maximum(max_x, tl.where(valid, x, float("-inf")))
         min_x = tl.minimum(min_x, tl.where(valid, x, float("inf")))
@@ -73,7 +75,7 @@ def _accumulate(
             position = tl.math.div_rn((x - total_lo) * BINS, total_hi - total_lo)
             bins = tl.minimum(tl.where(counted, position, 0.0).to(tl.int32), BINS - 1)
             total_hist += tl.histogram(bins, PADDED_BINS, mask=counted)
-    return sum_x, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist
+    return sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist
 
 
 @triton.jit
@@ -107,7 +109,7 @@ def _chunk_kernel(
         total_lo = tl.load(ranges + 2 * num_layers)
         total_hi = tl.load(ranges + 2 * num_layers + 1)
 
-    sum_x = tl.zeros([BLOCK], tl.float32)
+    sum_d = tl.zeros([BLOCK], tl.float32)
     mean = tl.zeros([BLOCK], tl.float32)
     m2 = tl.zeros([BLOCK], tl.float32)
     abs_sum = tl.zeros([BLOCK], tl.float32)
@@ -122,14 +124,19 @@ def _chunk_kernel(
 
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     all_valid = tl.full([BLOCK], 1, tl.int1)
+    center = 0.0
+    if ROWS:
+        first = tl.load(base + lo_idx + lanes, mask=lo_idx + lanes < hi_idx, other=0.0).to(tl.float32)
+        center = tl.sum(first, 0) / tl.minimum(hi_idx - lo_idx, BLOCK).to(tl.float32)
+        center = tl.where(tl.abs(center) < float("inf"), center, 0.0)
     for block in range(first_full, last_full):  # full blocks: aligned, unmasked, 16-byte vector loads
         offs = block * BLOCK + lanes
         ptrs = tl.max_contiguous(tl.multiple_of(base + offs, 16), BLOCK)
         x = tl.load(ptrs).to(tl.float32)
         inv_count = 1.0 / (block - first_full + 1).to(tl.float32)  # the same for every lane
-        sum_x, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist = _accumulate(
-            x, all_valid, inv_count, lo, hi, total_lo, total_hi,
-            sum_x, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
+        sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist = _accumulate(
+            x, all_valid, center, inv_count, lo, hi, total_lo, total_hi,
+            sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
             ROWS, HIST, TOTAL_HIST, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
     # The partial blocks at either end of the chunk (empty when lo_idx / hi_idx are block-aligned).
     count = tl.zeros([BLOCK], tl.float32) + tl.maximum(last_full - first_full, 0).to(tl.float32)
@@ -143,16 +150,17 @@ def _chunk_kernel(
         x = tl.load(base + offs, mask=valid, other=0.0).to(tl.float32)
         count += valid.to(tl.float32)
         inv_count = 1.0 / tl.maximum(count, 1.0)
-        sum_x, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist = _accumulate(
-            x, valid, inv_count, lo, hi, total_lo, total_hi,
-            sum_x, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
+        sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist = _accumulate(
+            x, valid, center, inv_count, lo, hi, total_lo, total_hi,
+            sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
             ROWS, HIST, TOTAL_HIST, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
 
     if ROWS:
         # Chan's merge of the lanes' (count, mean, M2), in float64.
         n = (hi_idx - lo_idx).to(tl.float64)
-        chunk_sum = tl.sum(sum_x.to(tl.float64), 0)
-        deviation = mean.to(tl.float64) - chunk_sum / n
+        sum_deviations = tl.sum(sum_d.to(tl.float64), 0)
+        chunk_sum = n * center.to(tl.float64) + sum_deviations
+        deviation = mean.to(tl.float64) - sum_deviations / n
         chunk_m2 = tl.sum(m2.to(tl.float64) + count.to(tl.float64) * deviation * deviation, 0)
         row = partials + pid * NUM_FIELDS  # field order of fastgradstats.rows
         tl.store(row + 0, n)

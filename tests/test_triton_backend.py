@@ -518,3 +518,11 @@ def test_bad_block_or_chunk_sizes_raise(chunk_size, block_size):
     x = torch.randn(20, device=DEVICE)
     with pytest.raises(ValueError, match="chunk_size"):
         kernel_module.raw_stats([x], None, chunk_size=chunk_size, block_size=block_size)
+
+
+
+@pytest.mark.parametrize("offset", [1.0, 100.0])
+def test_std_accurate_across_many_chunks_when_mean_dominates(offset, poison):
+    x = (offset + 1e-3 * torch.randn(3001, generator=torch.Generator().manual_seed(3))).to(DEVICE)
+    got = derive(poison(triton_raw, [x], None, 64, BLOCK).rows)
+    assert float(got["std"][0]) == pytest.approx(np.std(x.cpu().double().numpy()), rel=2e-5)

@@ -1,0 +1,46 @@
+"""pytest-benchmark timings of every statistic family on GPT-2-small shapes: ours, each baseline, the floor.
+
+    pytest benchmarks/ --benchmark-only          # groups = families; compare the rows within a group
+
+Candidates and the workload come from :mod:`fastgradstats.bench` (``fastgradstats bench`` reports the same
+comparison as GB/s, fraction of the read floor and speedups, and keeps the rows).
+"""
+
+import functools
+
+import pytest
+import torch
+from conftest import DEVICE, WORKLOAD
+
+from fastgradstats import bench
+
+CASES = [(family, candidate) for family, baselines in bench.FAMILIES.items()
+         for candidate in (bench.OURS, *baselines, bench.FLOOR)]
+
+
+def synchronized(fn):
+    """fn followed by a CUDA synchronize, so that the timing covers the device work."""
+    if DEVICE.type != "cuda":
+        return fn
+
+    def call():
+        fn()
+        torch.cuda.synchronize(DEVICE)
+
+    return call
+
+
+@pytest.mark.parametrize(("family", "candidate"), CASES, ids=[f"{f}:{c}" for f, c in CASES])
+def test_bench(benchmark, lists, family, candidate):
+    a, b = lists
+    num_bytes = WORKLOAD.num_bytes * (2 if family == "pair" else 1)
+    if candidate == bench.FLOOR:
+        buffer = torch.empty(num_bytes // WORKLOAD.dtype.itemsize, dtype=WORKLOAD.dtype, device=DEVICE).fill_(1)
+        fn = functools.partial(torch.sum, buffer)
+    elif candidate == bench.OURS:
+        fn = functools.partial(bench.ours(family, None), a, b)
+    else:
+        fn = functools.partial(bench.BASELINES[candidate], a, b)
+    benchmark.group = f"{WORKLOAD.name} {family} ({num_bytes / 1e6:,.0f} MB read)"
+    benchmark.extra_info["bytes"] = num_bytes
+    benchmark.pedantic(synchronized(fn), rounds=3, warmup_rounds=1, iterations=1)
