@@ -53,8 +53,10 @@ def raw_stats(
         for piece in _chunks(t, chunk_size):
             x, work = _as_float(piece, scratch)
             chunk_rows.append(_chunk_row(x, work))
-            if one_pass_hist:
-                _add_to_hist(hist[layer], x, work, spec, fixed_range, chunk_rows[-1][ZEROS])
+            if one_pass_hist and spec.kind == "log2":
+                hist[layer] += _log2_counts(x, work, spec, zeros=chunk_rows[-1][ZEROS])
+            elif one_pass_hist:
+                hist[layer] += _linear_counts(x, spec, fixed_range)
         if chunk_rows:
             rows[layer] = merge_rows(torch.stack(chunk_rows))
 
@@ -64,9 +66,9 @@ def raw_stats(
         total_hist = torch.zeros(spec.bins, dtype=torch.int64, device=device)
         for layer, t in enumerate(tensors):
             for piece in _chunks(t, chunk_size):
-                x, work = _as_float(piece, scratch)
-                _add_to_hist(hist[layer], x, work, spec, ranges[layer])
-                _add_to_hist(total_hist, x, work, spec, ranges[-1])
+                x, _ = _as_float(piece, scratch)
+                hist[layer] += _linear_counts(x, spec, ranges[layer])
+                total_hist += _linear_counts(x, spec, ranges[-1])
     return RawStats(rows, hist, total_hist)
 
 
@@ -120,21 +122,8 @@ def _fixed_range(spec: HistSpec, device: torch.device) -> torch.Tensor:
     return torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in (lo, hi)])
 
 
-def _add_to_hist(
-    hist: torch.Tensor,
-    x: torch.Tensor,
-    work: torch.Tensor,
-    spec: HistSpec,
-    lo_hi: torch.Tensor | None,
-    zeros: torch.Tensor | None = None,
-) -> None:
-    """Add the bin counts of one chunk x into hist [B] (int64, in place); ``work`` is overwritten.
-
-    ``zeros`` (the chunk's zero count) is needed for log2 histograms.
-    """
-    if spec.kind == "log2":
-        hist += _log2_counts(x, work, spec, zeros)
-        return
+def _linear_counts(x: torch.Tensor, spec: HistSpec, lo_hi: torch.Tensor) -> torch.Tensor:
+    """int64 [B] counts of x in ``spec.bins`` equal bins over lo_hi = (lo, hi), float32 [2] (torch.histc rules)."""
     x = x.to(torch.float32)
     lo, hi = lo_hi[0], lo_hi[1]
     counted = x.isfinite() & (x >= lo) & (x <= hi)
@@ -143,11 +132,14 @@ def _add_to_hist(
     bins = torch.where(counted, position.to(torch.int64).clamp_max(spec.bins - 1), spec.bins)
     counts = torch.zeros(spec.bins + 1, dtype=torch.int64, device=x.device)
     counts.index_add_(0, bins, torch.ones_like(bins))
-    hist += counts[: spec.bins]
+    return counts[: spec.bins]
 
 
 def _log2_counts(x: torch.Tensor, work: torch.Tensor, spec: HistSpec, zeros: torch.Tensor) -> torch.Tensor:
-    """int64 [B] log2-bin counts of x, from a count of x's 256 float32 exponent-field values."""
+    """int64 [B] log2-bin counts of x, from a count of x's 256 float32 exponent-field values.
+
+    ``zeros``: x's count of zeros (0-d); ``work`` is overwritten.
+    """
     bits = x.view(torch.int32) if x.dtype == torch.float32 else x.to(torch.float32).view(torch.int32)
     field = torch.bitwise_right_shift(bits, 23, out=work.view(torch.int32)[: x.numel()]).bitwise_and_(0xFF)
     if x.device.type == "cpu":
