@@ -17,10 +17,8 @@ import contextlib
 import functools
 import importlib.metadata
 import json
-import math
 import os
 import platform
-import random
 import statistics
 import subprocess
 import time
@@ -35,62 +33,10 @@ import torch.nn.functional as F
 import fastgradstats as fgs
 from fastgradstats.dispatch import resolve_backend
 
+from .workloads import DEFAULT_WORKLOADS, GRADIENT_SCALE, WORKLOADS, Workload
+
 DEFAULT_RESULTS = Path("benchmarks/results/results.jsonl")
-GRADIENT_SCALE = 1e-3
 LINEAR_BINS = 64
-
-
-@dataclass(frozen=True)
-class Workload:
-    """Tensor shapes of one dtype; ``tensors`` fills them with randn * 1e-3."""
-
-    name: str
-    shapes: tuple[tuple[int, ...], ...]
-    dtype: torch.dtype = torch.float32
-
-    @property
-    def numel(self) -> int:
-        return sum(math.prod(shape) for shape in self.shapes)
-
-    @property
-    def num_bytes(self) -> int:
-        """Bytes of one list of these tensors (Σ numel × itemsize)."""
-        return self.numel * self.dtype.itemsize
-
-    def tensors(self, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
-        torch.manual_seed(seed)
-        return [torch.randn(shape, dtype=self.dtype, device=device).mul_(GRADIENT_SCALE) for shape in self.shapes]
-
-
-def gpt2_small_shapes() -> tuple[tuple[int, ...], ...]:
-    """The 148 parameter shapes of GPT-2 small (124,439,808 elements; lm_head is tied to wte)."""
-    d, vocab, positions = 768, 50257, 1024
-    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
-    return ((vocab, d), (positions, d), *block * 12, (d,), (d,))
-
-
-def llama_shapes(dim: int, layers: int, vocab: int = 32000) -> tuple[tuple[int, ...], ...]:
-    """Llama-like shapes: embedding, per layer q/k/v/o (d×d), gate/up/down (d×ffn, ffn = 8d/3 rounded up to a
-    multiple of 256) and two norms, then the final norm and the untied output head."""
-    ffn = 256 * -(-8 * dim // 3 // 256)
-    layer = [(dim, dim)] * 4 + [(ffn, dim), (ffn, dim), (dim, ffn), (dim,), (dim,)]
-    return ((vocab, dim), *layer * layers, (dim,), (vocab, dim))
-
-
-def many_small_shapes(count: int = 5000, low: int = 100, high: int = 5000) -> tuple[tuple[int, ...], ...]:
-    """``count`` 1-D tensors of ``low``..``high`` elements (a fixed draw): per-tensor overhead dominates."""
-    sizes = random.Random(0)
-    return tuple((sizes.randint(low, high),) for _ in range(count))
-
-
-WORKLOADS: dict[str, Workload] = {
-    "gpt2-small": Workload("gpt2-small", gpt2_small_shapes()),
-    "1b": Workload("1b", llama_shapes(2048, 18), torch.bfloat16),
-    "7b": Workload("7b", llama_shapes(4096, 32), torch.bfloat16),
-    "many-small": Workload("many-small", many_small_shapes()),
-    "tiny": Workload("tiny", ((8, 16), (33,), (4, 4, 4), (100,))),  # for tests and smoke runs
-}
-DEFAULT_WORKLOADS = {"cpu": ("gpt2-small",), "cuda": ("gpt2-small", "1b", "7b", "many-small")}
 
 
 # Candidates: each is called as fn(a, b) with two lists of the workload's tensors (only pairs read b).
@@ -118,7 +64,8 @@ def wandb_loop(a: list[torch.Tensor], b: list[torch.Tensor]) -> object:
 
 def cat_cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> object:
     """The global cosine of the concatenated, flattened lists with ``F.cosine_similarity``."""
-    return F.cosine_similarity(torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b]), dim=0)
+    flat_a, flat_b = torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b])
+    return F.cosine_similarity(flat_a, flat_b, dim=0)
 
 
 def cosine_loop(a: list[torch.Tensor], b: list[torch.Tensor]) -> object:
@@ -194,7 +141,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
 
 
 class _CountingKernel:
-    """Stands in for a ``@triton.jit`` function: ``kernel[grid](...)`` launches it and adds one to ``count``."""
+    """Stands in for a ``@triton.jit`` function: ``kernel[grid](...)`` launches it and counts one."""
 
     def __init__(self, kernel, counter: list[int]) -> None:
         self.kernel, self.counter = kernel, counter
@@ -234,7 +181,8 @@ def count_launches(fn: Callable[[], object]) -> int:
 
 
 def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Synchronizing CUDA calls made by one call of ``fn`` (``set_sync_debug_mode("warn")``); None off CUDA."""
+    """Synchronizing CUDA calls made by one call of ``fn`` (seen by ``set_sync_debug_mode("warn")``); None
+    off CUDA."""
     if device.type != "cuda":
         return None
     previous = torch.cuda.get_sync_debug_mode()
@@ -258,10 +206,11 @@ def free_bytes(device: torch.device) -> int | None:
         return None
 
 
-def read_floor_ms(num_bytes: int, dtype: torch.dtype, device: torch.device, repeats: int, warmup: int) -> float:
-    """The read floor: median time of one ``torch.sum`` over a single buffer of ``num_bytes`` bytes."""
+def read_floor(num_bytes: int, dtype: torch.dtype, device: torch.device) -> Callable[[], torch.Tensor]:
+    """The read-floor call: one ``torch.sum`` over a single buffer of ``num_bytes`` bytes (written here, so
+    that its pages are real memory)."""
     buffer = torch.empty(num_bytes // dtype.itemsize, dtype=dtype, device=device).fill_(GRADIENT_SCALE)
-    return median_ms(functools.partial(torch.sum, buffer), device, repeats, warmup)
+    return functools.partial(torch.sum, buffer)
 
 
 class Timings:
@@ -280,8 +229,8 @@ class Timings:
 
     def floor(self, num_bytes: int, dtype: torch.dtype) -> tuple[float | None, str | None]:
         """(read floor ms of ``num_bytes``, None), or (None, error)."""
-        return self._once(f"{FLOOR} {num_bytes}",
-                          lambda: read_floor_ms(num_bytes, dtype, self.device, self.repeats, self.warmup))
+        return self._once(f"{FLOOR} {num_bytes}", lambda: median_ms(
+            read_floor(num_bytes, dtype, self.device), self.device, self.repeats, self.warmup))
 
     def _once(self, key: str, measure: Callable[[], float]) -> tuple[float | None, str | None]:
         if key not in self.measured:
@@ -383,16 +332,17 @@ def save_rows(rows: Sequence[Row], env: dict[str, str], path: str | Path, **extr
 def format_table(workload: Workload, rows: Sequence[Row], env: dict[str, str], repeats: int) -> str:
     """A readable table of one workload's rows; "ours ×" is how many times faster ours is than that row."""
     lines = [
-        (f"{workload.name}: {len(workload.shapes)} tensors, {workload.numel:,} elements of {_dtype_name(workload.dtype)} "
-        f"({workload.num_bytes / 1e6:,.1f} MB per list) on {env['device']}, backend {env['backend']}, "
-        f"median of {repeats}"),
+        (f"{workload.name}: {len(workload.shapes)} tensors, {workload.numel:,} elements of "
+         f"{_dtype_name(workload.dtype)} ({workload.num_bytes / 1e6:,.1f} MB per list) on {env['device']}, "
+         f"backend {env['backend']}, median of {repeats}"),
         (f"{'family':<12} {'candidate':<13} {'ms':>10} {'GB/s':>8} {'of floor':>9} {'ours ×':>9} "
          f"{'launches':>9} {'syncs':>6}"),
     ]
     ours_by_family = {row.family: row for row in rows if row.candidate == OURS}
     previous_family = None
     for row in rows:
-        speedup = ours_by_family[row.family].speedups.get(row.candidate) if row.family in ours_by_family else None
+        our_row = ours_by_family.get(row.family)
+        speedup = None if our_row is None else our_row.speedups.get(row.candidate)
         cells = [
             row.family if row.family != previous_family else "",
             row.candidate,
@@ -452,7 +402,7 @@ def run(
         workload = WORKLOADS[workload] if isinstance(workload, str) else workload
         needed, free = workload.num_bytes * (4 if "pair" in families else 2), free_bytes(device)
         if free is not None and needed > free:
-            print(f"{workload.name}: skipped, needs about {needed / 1e9:.1f} GB and {free / 1e9:.1f} GB are free\n")
+            print(f"{workload.name}: skipped, needs about {needed / 1e9:.1f} GB, {free / 1e9:.1f} GB free\n")
             continue
         workload_rows = bench_workload(workload, families, device, backend, repeats, warmup)
         print(format_table(workload, workload_rows, env, repeats), end="\n\n", flush=True)

@@ -43,19 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default 0)")
     demo.add_argument("--backend", choices=["torch", "triton"], default=None,
                       help="statistics backend (default: automatic)")
-    bench_parser = commands.add_parser("bench", help="time the statistics against the usual PyTorch baselines")
+    bench_parser = commands.add_parser("bench", help="time the statistics against the usual PyTorch code")
     bench_parser.add_argument("--workload", action="append", choices=list(bench.WORKLOADS),
                               help="tensor shapes to measure, repeatable (default: gpt2-small on the CPU; "
                                    "gpt2-small, 1b, 7b and many-small on CUDA; tiny is for smoke tests)")
     bench_parser.add_argument("--family", action="append", choices=list(bench.FAMILIES),
                               help="statistic family, repeatable (default: all)")
     bench_parser.add_argument("--repeats", type=int, default=None,
-                              help="timed calls per candidate, median reported (default 5 on CPU, 20 on CUDA)")
+                              help="timed calls per candidate; the median is reported (default 5 on CPU, "
+                                   "20 on CUDA)")
     bench_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench_parser.add_argument("--backend", choices=["torch", "triton"], default=None,
                               help="statistics backend (default: automatic)")
     bench_parser.add_argument("--results", default=str(bench.DEFAULT_RESULTS),
-                              help=f"JSON-lines file the rows are appended to (default {bench.DEFAULT_RESULTS})")
+                              help=f"JSON-lines file to append the rows to (default {bench.DEFAULT_RESULTS})")
     bench_parser.add_argument("--no-save", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     if args.command == "bench":

@@ -19,6 +19,7 @@ from .hist import HistSpec, linear_ranges
 from .rows import PAIR_K, ZEROS, RawStats, empty_rows, merge_rows
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 4 MB of float32: fits in cache next to its scratch buffer
+CENTER_SAMPLE = 4096  # elements whose mean centres a chunk's sums
 
 
 class _Scratch:
@@ -51,7 +52,7 @@ def raw_stats(
     for layer, t in enumerate(tensors):
         chunk_rows = []
         for piece in _chunks(t, chunk_size):
-            x, work = _as_float(piece, scratch)
+            x, work = _convert(piece, _working_dtype(piece.dtype), scratch)
             chunk_rows.append(_chunk_row(x, work))
             if one_pass_hist and spec.kind == "log2":
                 hist[layer] += _log2_counts(x, work, spec, zeros=chunk_rows[-1][ZEROS])
@@ -66,7 +67,7 @@ def raw_stats(
         total_hist = torch.zeros(spec.bins, dtype=torch.int64, device=device)
         for layer, t in enumerate(tensors):
             for piece in _chunks(t, chunk_size):
-                x, _ = _as_float(piece, scratch)
+                x, _ = _convert(piece, _working_dtype(piece.dtype), scratch)
                 hist[layer] += _linear_counts(x, spec, ranges[layer])
                 total_hist += _linear_counts(x, spec, ranges[-1])
     return RawStats(rows, hist, total_hist)
@@ -76,27 +77,23 @@ def _chunks(t: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, ...]:
     return flat_elements(t).split(chunk_size) if t.numel() else ()
 
 
-def _as_float(piece: torch.Tensor, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunk as float32 (float64 stays float64), and a work buffer of the same dtype and size."""
-    dtype = torch.float64 if piece.dtype == torch.float64 else torch.float32
-    converted, work = scratch.get(dtype, piece.numel())
-    return (piece if piece.dtype == dtype else converted.copy_(piece)), work
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is worked on in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunk_row(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
     """The float64 raw row of one chunk x (float32 or float64, 1-D, non-empty); ``work`` is overwritten."""
     n = x.numel()
-    total = x.sum()
     lo, hi = torch.aminmax(x)
-    # Deviations d = (x - c)·u from c, float32's estimate of the mean (0 if that is not finite), scaled by a
-    # power of two u near 1/max|x| so that squares neither underflow nor overflow. Then, in float64,
-    # Σx = n·c + Σd/u and M2 = Σ(x - mean)² = (Σd² - (Σd)²/n) / u²: both keep their precision when
-    # |mean| ≫ std, where a plain float32 Σx would not.
-    center = total / n
+    # Deviations d = (x - c)·u from c, the mean of the first CENTER_SAMPLE elements (0 if not finite), scaled
+    # by a power of two u near 1/max|x| so that float32 squares neither underflow nor overflow. Then, in
+    # float64, Σx = n·c + Σd/u and M2 = Σ(x - mean)² = (Σd² - (Σd)²/n) / u²: both keep their precision when
+    # |mean| ≫ std, where plain float32 sums would not.
+    center = x[:CENTER_SAMPLE].mean()
     center = torch.where(center.isfinite(), center, 0.0)
-    exponent = torch.frexp(torch.maximum(-lo, hi)).exponent
-    unit = torch.ldexp(torch.ones_like(total), -exponent)
-    scaled = torch.sub(x, center, out=work).mul_(unit)
+    unit = torch.ldexp(torch.ones_like(center), -torch.frexp(torch.maximum(-lo, hi)).exponent)
+    scaled = torch.addcmul(-center * unit, x, unit, out=work)
     scaled_sum = scaled.sum().double()
     inv_unit = 1.0 / unit.double()
     total = n * center.double() + scaled_sum * inv_unit
@@ -126,6 +123,8 @@ def _linear_counts(x: torch.Tensor, spec: HistSpec, lo_hi: torch.Tensor) -> torc
     """int64 [B] counts of x in ``spec.bins`` equal bins over lo_hi = (lo, hi), float32 [2] (torch.histc rules)."""
     x = x.to(torch.float32)
     lo, hi = lo_hi[0], lo_hi[1]
+    if x.device.type == "cpu":  # torch.histc bins exactly so, and reading its range is free on the CPU
+        return torch.histc(x, spec.bins, lo.item(), hi.item()).to(torch.int64)
     counted = x.isfinite() & (x >= lo) & (x <= hi)
     position = torch.where(counted, (x - lo) * spec.bins / (hi - lo), 0)
     # Uncounted elements go to a spill bin past the end, so nothing here depends on data (no sync).
@@ -163,17 +162,33 @@ def pair_raw_stats(
     origin: Sequence[torch.Tensor] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
-    """Pair rows float64 [L, PAIR_K] of 1-D tensors a[i], b[i] (and origin[i]) in matching element order."""
+    """Pair rows float64 [L, PAIR_K] of 1-D tensors a[i], b[i] (and origin[i]) in matching element order.
+
+    Per chunk, a, b and origin are converted into float32 buffers (float64 if one of them is float64), the
+    differences a - b, a - o, b - o formed in buffers, and the four sums taken as float32 dot products.
+    """
     device = a[0].device if len(a) else torch.device("cpu")
     rows = torch.zeros(len(a), PAIR_K, dtype=torch.float64, device=device)
+    scratch = {name: _Scratch(min(chunk_size, max((t.numel() for t in a), default=0)), device)
+               for name in ("a", "b", "origin")}
     for layer in range(len(a)):
-        origin_pieces = origin[layer].split(chunk_size) if origin is not None else None
-        for i, (piece_a, piece_b) in enumerate(zip(a[layer].split(chunk_size), b[layer].split(chunk_size))):
-            x, y = piece_a.to(torch.float64), piece_b.to(torch.float64)
-            diff = x - y
-            if origin_pieces is not None:
-                o = origin_pieces[i].to(torch.float64)
-                x, y = x - o, y - o
-            count = torch.full((), x.numel(), dtype=torch.float64, device=device)
-            rows[layer] += torch.stack([count, torch.dot(x, y), torch.dot(x, x), torch.dot(y, y), torch.dot(diff, diff)])
+        tensors = [a[layer], b[layer]] + ([] if origin is None else [origin[layer]])
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+        for pieces in zip(*(t.split(chunk_size) for t in tensors)):
+            (x, x_work), (y, y_work), *with_origin = [
+                _convert(piece, dtype, scratch[name]) for piece, name in zip(pieces, scratch)
+            ]
+            diff = torch.sub(x, y, out=x_work)
+            diff_sq = torch.dot(diff, diff)
+            if with_origin:
+                o = with_origin[0][0]
+                x, y = torch.sub(x, o, out=x_work), torch.sub(y, o, out=y_work)
+            n = torch.full_like(diff_sq, x.numel())
+            rows[layer] += torch.stack([n, torch.dot(x, y), torch.dot(x, x), torch.dot(y, y), diff_sq]).double()
     return rows
+
+
+def _convert(piece: torch.Tensor, dtype: torch.dtype, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(piece as ``dtype``, converted in a scratch buffer if needed; a work buffer of the same size)."""
+    converted, work = scratch.get(dtype, piece.numel())
+    return (piece if piece.dtype == dtype else converted.copy_(piece)), work

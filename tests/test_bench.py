@@ -13,6 +13,7 @@ from fastgradstats.cli import main
 
 SMALL = bench.Workload("small", ((3, 5), (40,), (2, 3, 4)))
 SMALL_BF16 = bench.Workload("small-bf16", SMALL.shapes, torch.bfloat16)
+ENVIRONMENT_FIELDS = {"date", "commit", "device", "torch", "triton", "backend", "dtype", "tensors", "repeats"}
 ROW_FIELDS = {"workload", "family", "candidate", "ms", "bytes", "gb_per_s", "floor_fraction", "speedups",
               "baseline_ms", "launches", "host_syncs", "error"}
 needs_triton = pytest.mark.skipif(not fgs.dispatch.triton_available(), reason="needs triton")
@@ -82,7 +83,7 @@ def test_results_lines_are_appended_and_parse(tmp_path):
     records = [json.loads(line) for line in lines]
     for record in records:
         assert ROW_FIELDS <= set(record)
-        assert {"date", "commit", "device", "torch", "triton", "backend", "dtype", "tensors", "repeats"} <= set(record)
+        assert ENVIRONMENT_FIELDS <= set(record)
         assert record["date"].endswith("Z") and record["torch"] == torch.__version__
     assert [r["candidate"] for r in records[:3]] == ["ours", "norm-loop", "foreach-norm"]
     assert records[0]["speedups"].keys() == {"norm-loop", "foreach-norm"}

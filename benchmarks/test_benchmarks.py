@@ -10,12 +10,19 @@ import functools
 
 import pytest
 import torch
-from conftest import DEVICE, WORKLOAD
 
 from fastgradstats import bench
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+WORKLOAD = bench.WORKLOADS["gpt2-small"]
 CASES = [(family, candidate) for family, baselines in bench.FAMILIES.items()
          for candidate in (bench.OURS, *baselines, bench.FLOOR)]
+
+
+@pytest.fixture(scope="module")
+def lists() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(a, b): the workload's tensors with seeds 0 and 1 (only the pair family reads b)."""
+    return WORKLOAD.tensors(DEVICE, seed=0), WORKLOAD.tensors(DEVICE, seed=1)
 
 
 def synchronized(fn):
@@ -35,8 +42,7 @@ def test_bench(benchmark, lists, family, candidate):
     a, b = lists
     num_bytes = WORKLOAD.num_bytes * (2 if family == "pair" else 1)
     if candidate == bench.FLOOR:
-        buffer = torch.empty(num_bytes // WORKLOAD.dtype.itemsize, dtype=WORKLOAD.dtype, device=DEVICE).fill_(1)
-        fn = functools.partial(torch.sum, buffer)
+        fn = bench.read_floor(num_bytes, WORKLOAD.dtype, DEVICE)
     elif candidate == bench.OURS:
         fn = functools.partial(bench.ours(family, None), a, b)
     else:

@@ -1,0 +1,67 @@
+"""Benchmark workloads: the tensor shapes of real models, filled with gradient-scaled random values."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+
+GRADIENT_SCALE = 1e-3
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Tensor shapes of one dtype; ``tensors`` fills them with randn * 1e-3."""
+
+    name: str
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes)
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes of one list of these tensors (Σ numel × itemsize)."""
+        return self.numel * self.dtype.itemsize
+
+    def tensors(self, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+        torch.manual_seed(seed)
+        return [torch.randn(shape, dtype=self.dtype, device=device).mul_(GRADIENT_SCALE)
+                for shape in self.shapes]
+
+
+def gpt2_small_shapes() -> tuple[tuple[int, ...], ...]:
+    """The 148 parameter shapes of GPT-2 small (124,439,808 elements; lm_head is tied to wte)."""
+    d, vocab, positions = 768, 50257, 1024
+    attention = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,)]  # ln_1 w/b, c_attn w/b, c_proj w/b
+    mlp = [(d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]  # ln_2 w/b, c_fc w/b, c_proj w/b
+    block = attention + mlp
+    return ((vocab, d), (positions, d), *block * 12, (d,), (d,))
+
+
+def llama_shapes(dim: int, layers: int, vocab: int = 32000) -> tuple[tuple[int, ...], ...]:
+    """Llama-like shapes: embedding, per layer q/k/v/o (d×d), gate/up/down (d×ffn, ffn = 8d/3 rounded up to a
+    multiple of 256) and two norms, then the final norm and the untied output head."""
+    ffn = 256 * -(-8 * dim // 3 // 256)
+    layer = [(dim, dim)] * 4 + [(ffn, dim), (ffn, dim), (dim, ffn), (dim,), (dim,)]
+    return ((vocab, dim), *layer * layers, (dim,), (vocab, dim))
+
+
+def many_small_shapes(count: int = 5000, low: int = 100, high: int = 5000) -> tuple[tuple[int, ...], ...]:
+    """``count`` 1-D tensors of ``low``..``high`` elements (a fixed draw): per-tensor overhead dominates."""
+    sizes = random.Random(0)
+    return tuple((sizes.randint(low, high),) for _ in range(count))
+
+
+WORKLOADS: dict[str, Workload] = {
+    "gpt2-small": Workload("gpt2-small", gpt2_small_shapes()),
+    "1b": Workload("1b", llama_shapes(2048, 18), torch.bfloat16),
+    "7b": Workload("7b", llama_shapes(4096, 32), torch.bfloat16),
+    "many-small": Workload("many-small", many_small_shapes()),
+    "tiny": Workload("tiny", ((8, 16), (33,), (4, 4, 4), (100,))),  # for tests and smoke runs
+}
+DEFAULT_WORKLOADS = {"cpu": ("gpt2-small",), "cuda": ("gpt2-small", "1b", "7b", "many-small")}
