@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from . import dispatch
+from .distributed import localize
 from .hist import DEFAULT_MAX_EXP, DEFAULT_MIN_EXP, HistSpec
 from .results import TensorStats
 
@@ -25,6 +27,7 @@ def tensor_stats(
     min_exp: int = DEFAULT_MIN_EXP,
     max_exp: int = DEFAULT_MAX_EXP,
     backend: str | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> TensorStats:
     """Per-layer statistics of a list of tensors, in one pass over the data and without a host sync.
 
@@ -36,6 +39,9 @@ def tensor_stats(
         hist: None, "log2" (bins floor(log2|x|) clamped to [min_exp, max_exp], from the exponent bits) or
             "linear" (``bins`` equal-width bins over ``range`` or each layer's finite [min, max], torch.histc rules).
         backend: None (auto), "torch" or "triton"; see :mod:`fastgradstats.dispatch`.
+        group: for plain tensors sharded by hand across the ranks of this process group: each rank passes its
+            shards and gets the statistics of the whole tensors. DTensors (FSDP2, tensor parallel) need no
+            group: their mesh says how they are sharded. See :mod:`fastgradstats.distributed`.
 
     Returns:
         TensorStats with [L] tensors on the input device; ``.total`` holds the global values.
@@ -47,7 +53,8 @@ def tensor_stats(
     """
     tensors, names = _validate(tensors, names, "tensor_stats")
     spec = HistSpec.make(hist, bins, range, min_exp, max_exp)
-    return TensorStats.from_raw(dispatch.raw_stats(tensors, spec, backend), names, spec)
+    local, reducer = localize(tensors, names, group, "tensor_stats")
+    return TensorStats.from_raw(dispatch.raw_stats(local, spec, backend, reducer), names, spec)
 
 
 def grad_stats(model_or_named_parameters: torch.nn.Module | NamedTensors, **kwargs) -> TensorStats:

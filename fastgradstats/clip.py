@@ -7,8 +7,10 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 
 from .api import tensor_stats
+from .distributed import is_dtensor
 from .results import TensorStats
 
 FUSED_NORM_TYPES = (2.0, math.inf)
@@ -22,6 +24,7 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     return_stats: bool = False,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TensorStats]:
     """A drop-in for ``torch.nn.utils.clip_grad_norm_``: same return value, same clipping, same errors.
 
@@ -30,6 +33,8 @@ def clip_grad_norm_(
     norm (a 0-d tensor in the gradients' promoted dtype), or ``(total_norm, stats)`` with
     ``return_stats=True``, where ``stats`` are the per-layer gradient statistics (layers named "0", "1", ...
     in parameter order, skipping parameters without a gradient). No host sync unless ``error_if_nonfinite``.
+    DTensor gradients (FSDP2, tensor parallel) get the global norm and their local shards are scaled; plain
+    gradients sharded by hand pass the process group as ``group=``.
 
     Example::
 
@@ -45,13 +50,15 @@ def clip_grad_norm_(
         empty = torch.tensor(0.0)
         return (empty, tensor_stats([])) if return_stats else empty
 
-    stats = tensor_stats(grads) if return_stats or norm_type in FUSED_NORM_TYPES else None
+    stats = tensor_stats(grads, group=group) if return_stats or norm_type in FUSED_NORM_TYPES else None
     if norm_type in FUSED_NORM_TYPES:
         total_norm = stats.total.l2 if norm_type == 2.0 else stats.total.linf
         dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads))
         total_norm = total_norm.to(dtype)
     else:
         total_norm = torch.nn.utils.get_total_norm(grads, norm_type, False, foreach)
+        if is_dtensor(total_norm):
+            total_norm = total_norm.full_tensor()
 
     if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
         raise RuntimeError(
@@ -59,5 +66,9 @@ def clip_grad_norm_(
             "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
             "`error_if_nonfinite=False`"
         )
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    if any(is_dtensor(g) for g in grads):  # scale the local shards: the total norm is already global
+        clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_([g.to_local() for g in grads], clip_coef)
+    else:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
     return (total_norm, stats) if return_stats else total_norm

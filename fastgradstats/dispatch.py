@@ -15,8 +15,9 @@ import torch
 
 from . import torch_backend
 from .dense import flat_elements
+from .distributed import Reducer
 from .hist import HistSpec
-from .rows import RawStats
+from .rows import PAIR_K, RawStats
 
 BACKENDS = ("torch", "triton")
 
@@ -52,22 +53,51 @@ def resolve_backend(backend: str | None, device: torch.device | None) -> str:
 
 
 @torch.no_grad()
-def raw_stats(tensors: Sequence[torch.Tensor], spec: HistSpec | None, backend: str | None) -> RawStats:
-    """Raw rows of validated tensors (one device, floating dtypes) from the chosen backend."""
-    if resolve_backend(backend, tensors[0].device if tensors else None) == "torch":
-        return torch_backend.raw_stats(tensors, spec)
-    from fastgradstats.kernels import raw_stats as triton_raw_stats
+def raw_stats(
+    tensors: Sequence[torch.Tensor], spec: HistSpec | None, backend: str | None, reducer: Reducer | None = None
+) -> RawStats:
+    """Raw rows of validated tensors (one device, floating dtypes) from the chosen backend.
 
-    return triton_raw_stats([flat_elements(t) for t in tensors], spec)
+    With a ``reducer`` (sharded tensors), the rows and histograms of all ranks are merged: the maxima before a
+    linear histogram takes its ranges from them, then the sums and counts.
+    """
+    if resolve_backend(backend, tensors[0].device if tensors else None) == "torch":
+        compute = functools.partial(torch_backend.raw_stats, tensors, spec)
+    else:
+        from fastgradstats.kernels import raw_stats as triton_raw_stats
+
+        compute = functools.partial(triton_raw_stats, [flat_elements(t) for t in tensors], spec)
+    if reducer is None:
+        return compute()
+    maxima_merged = []
+
+    def merge_maxima(rows: torch.Tensor) -> None:
+        reducer.merge_maxima(rows)
+        maxima_merged.append(True)
+
+    raw = compute(before_ranges=merge_maxima)
+    if not maxima_merged:
+        reducer.merge_maxima(raw.rows)
+    reducer.merge_sums(raw)
+    return raw
 
 
 @torch.no_grad()
 def pair_raw_stats(
-    a: list[torch.Tensor], b: list[torch.Tensor], origin: list[torch.Tensor] | None, backend: str | None
+    a: list[torch.Tensor],
+    b: list[torch.Tensor],
+    origin: list[torch.Tensor] | None,
+    backend: str | None,
+    reducer: Reducer | None = None,
 ) -> torch.Tensor:
-    """Pair rows [L, PAIR_K] of validated 1-D tensors in matching element order, from the chosen backend."""
+    """Pair rows [L, PAIR_K] of validated 1-D tensors in matching element order, from the chosen backend
+    (summed over the ranks of ``reducer`` when given)."""
     if resolve_backend(backend, a[0].device if a else None) == "torch":
-        return torch_backend.pair_raw_stats(a, b, origin)
-    from fastgradstats.kernels import pair_raw_stats as triton_pair_raw_stats
+        rows = torch_backend.pair_raw_stats(a, b, origin)
+    else:
+        from fastgradstats.kernels import pair_raw_stats as triton_pair_raw_stats
 
-    return triton_pair_raw_stats(a, b, origin)
+        rows = triton_pair_raw_stats(a, b, origin)
+    if reducer is not None:
+        reducer.merge_sums(RawStats(rows), first_max=PAIR_K)
+    return rows

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 
 from . import dispatch
 from .api import SUPPORTED_DTYPES
 from .dense import flat_elements
+from .distributed import localize, same_sharding
 from .results import PairStats
 
 TensorSet = torch.nn.Module | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
@@ -22,6 +24,7 @@ def pair_stats(
     origin: TensorSet | None = None,
     strict: bool = True,
     backend: str | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> PairStats:
     """Per-layer and global dot, norms, cosine and distance between two tensor sets, reading each element once.
 
@@ -35,6 +38,8 @@ def pair_stats(
         strict: with models / state_dicts, a name present in only one of them (or missing from origin) raises
             ValueError; with ``strict=False`` such layers are skipped.
         backend: None (auto), "torch" or "triton".
+        group: for plain tensors sharded by hand across this process group (see ``tensor_stats``). DTensors
+            need no group; a, b and origin must then be sharded alike.
 
     Returns:
         PairStats with [L] tensors on the input device and ``.total`` over all layers flattened together.
@@ -58,24 +63,37 @@ def pair_stats(
                 f"pair_stats: layer '{name}' is on {a_list[i].device} but layer '{names[0]}' is on "
                 f"{a_list[0].device}; one call takes tensors on one device"
             )
+        for other, label in ((b_list[i], "b"), (None if origin_list is None else origin_list[i], "origin")):
+            if other is not None and not same_sharding(a_list[i], other):
+                raise ValueError(f"pair_stats: layer '{name}' is sharded differently in a and in {label}")
+    a_list, reducer = localize(a_list, names, group, "pair_stats")
+    b_list, _ = localize(b_list, names, group, "pair_stats")
+    if origin_list is not None:
+        origin_list, _ = localize(origin_list, names, group, "pair_stats")
     flats = [_flat_layer(a_list[i], b_list[i], None if origin_list is None else origin_list[i])
              for i in range(len(names))]
     a_flat = [f[0] for f in flats]
     b_flat = [f[1] for f in flats]
     origin_flat = None if origin_list is None else [f[2] for f in flats]
-    rows = dispatch.pair_raw_stats(a_flat, b_flat, origin_flat, backend)
+    rows = dispatch.pair_raw_stats(a_flat, b_flat, origin_flat, backend, reducer)
     return PairStats.from_rows(rows, names)
 
 
 def cosine_similarity(
-    a: TensorSet, b: TensorSet, origin: TensorSet | None = None, *, strict: bool = True, backend: str | None = None
+    a: TensorSet,
+    b: TensorSet,
+    origin: TensorSet | None = None,
+    *,
+    strict: bool = True,
+    backend: str | None = None,
+    group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """The global cosine of a and b (optionally measured from origin), as if each set were one flat vector.
 
     A 0-d float32 tensor on the input device, equal to ``F.cosine_similarity(cat(a'), cat(b'), dim=0)`` without
     the concatenation. Example: ``fgs.cosine_similarity(model_now, model_init)``.
     """
-    return pair_stats(a, b, origin=origin, strict=strict, backend=backend).total.cos
+    return pair_stats(a, b, origin=origin, strict=strict, backend=backend, group=group).total.cos
 
 
 def _named(tensors: TensorSet) -> dict[str, torch.Tensor] | None:

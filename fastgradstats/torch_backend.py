@@ -10,7 +10,7 @@ device; on the CPU a finite Σ|x| lets a chunk skip the search for NaN and Inf.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -38,9 +38,16 @@ class _Scratch:
 
 
 def raw_stats(
-    tensors: Sequence[torch.Tensor], spec: HistSpec | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE
+    tensors: Sequence[torch.Tensor],
+    spec: HistSpec | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    before_ranges: Callable[[torch.Tensor], None] | None = None,
 ) -> RawStats:
-    """Raw rows [L, K] (and histogram counts [L, B]) of each tensor; see :mod:`fastgradstats.rows`."""
+    """Raw rows [L, K] (and histogram counts [L, B]) of each tensor; see :mod:`fastgradstats.rows`.
+
+    ``before_ranges(rows)``, when given, is called on the rows before a linear histogram takes its ranges from
+    them (the distributed layer merges the maxima of all ranks there).
+    """
     device = tensors[0].device if len(tensors) else torch.device("cpu")
     num_layers = len(tensors)
     one_pass_hist = spec is not None and (spec.kind == "log2" or spec.range is not None)
@@ -63,6 +70,8 @@ def raw_stats(
 
     total_hist = None
     if spec is not None and not one_pass_hist:
+        if before_ranges is not None:
+            before_ranges(rows)
         ranges = linear_ranges(spec, rows)
         total_hist = torch.zeros(spec.bins, dtype=torch.int64, device=device)
         for layer, t in enumerate(tensors):

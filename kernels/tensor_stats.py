@@ -15,6 +15,8 @@ near 1) whatever the order of the data or its outliers, where plain float32 Σx 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -194,11 +196,13 @@ def raw_stats(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    before_ranges: Callable[[torch.Tensor], None] | None = None,
 ) -> RawStats:
     """Raw rows [L, K] float64 (and int64 histogram counts) of 1-D dense tensors on one device.
 
     Launches, per dtype group, stage 1 (skipped when the group has no element) and stage 2; a linear
-    histogram over per-layer data ranges adds one histogram-only stage 1 per group. No host sync.
+    histogram over per-layer data ranges adds one histogram-only stage 1 per group, after
+    ``before_ranges(rows)`` when given (the distributed layer merges all ranks' maxima there). No host sync.
     """
     check_sizes(chunk_size, block_size)
     num_layers = len(tensors)
@@ -226,6 +230,8 @@ def raw_stats(
         merge_chunk_rows(table, partials, rows, FIRST_MAX)
 
     if per_layer_ranges:  # needs every layer's finite [min, max], so after all groups' stage 2
+        if before_ranges is not None:
+            before_ranges(rows)
         ranges = linear_ranges(spec, rows)
         total_hist = torch.zeros(spec.bins, dtype=torch.int64, device=device)
         for dtype, table in tables.items():

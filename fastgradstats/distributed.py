@@ -1,0 +1,119 @@
+"""Exact statistics of sharded tensors: local raw rows, then one all_reduce(MAX) and one all_reduce(SUM).
+
+Every statistic derives from raw rows whose fields merge by a sum or a max (:mod:`fastgradstats.rows`), so the
+statistics of a tensor sharded across ranks are those of the merged rows of its shards: per call, one packed
+``all_reduce(MAX)`` of the max fields and one packed ``all_reduce(SUM)`` of the sum fields and histogram counts,
+whatever the number of layers, and never a gather of data. A linear histogram over data ranges takes its ranges
+after the MAX, so the bins are the same on every rank. Results are identical on every rank.
+
+Inputs:
+
+* DTensors (FSDP2 ``fully_shard``, tensor parallel, ``distribute_tensor``): all on one device mesh. A shard
+  replicated along a mesh dimension counts only on the ranks at coordinate 0 of that dimension (the others
+  read nothing), so replicas are not double counted. ``Partial`` placements are first reduced to ``Replicate``
+  by DTensor itself (a reduction of that tensor's data).
+* Plain tensors sharded by hand (Megatron style) with ``group=``: each rank passes its shards.
+* DDP needs none of this: replicated gradients are identical on every rank, so plain calls are already global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .rows import FIRST_MAX, RawStats
+
+
+def _dtensor_type() -> type | None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
+def is_dtensor(t: object) -> bool:
+    dtensor = _dtensor_type()
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+@dataclass
+class Reducer:
+    """Merges raw rows of all ranks of ``group`` (None: the default group) in place."""
+
+    group: dist.ProcessGroup | None = None
+
+    def merge_maxima(self, rows: torch.Tensor, first_max: int = FIRST_MAX) -> None:
+        """all_reduce(MAX) of the max fields of rows [L, K]."""
+        maxima = rows[:, first_max:].contiguous()
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self.group)
+        rows[:, first_max:] = maxima
+
+    def merge_sums(self, raw: RawStats, first_max: int = FIRST_MAX) -> None:
+        """One all_reduce(SUM) of the sum fields of raw.rows and of the histogram counts (exact in float64)."""
+        parts = [raw.rows[:, :first_max]] + [h for h in (raw.hist, raw.total_hist) if h is not None]
+        packed = torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
+        offset = 0
+        for part in parts:
+            part.copy_(packed[offset : offset + part.numel()].view(part.shape))
+            offset += part.numel()
+
+
+def localize(
+    tensors: list[torch.Tensor], names: list[str], group: dist.ProcessGroup | None, caller: str
+) -> tuple[list[torch.Tensor], Reducer | None]:
+    """The tensors this rank reads, and the Reducer that makes their statistics global (None: local call).
+
+    Raises ValueError for DTensors on different meshes, DTensors mixed with plain tensors or with ``group=``,
+    and a group that does not contain this rank.
+    """
+    dtensors = [is_dtensor(t) for t in tensors]
+    if not any(dtensors):
+        if group is None:
+            return tensors, None
+        if not dist.is_initialized() or dist.get_rank() not in dist.get_process_group_ranks(group):
+            raise ValueError(f"{caller}: this rank is not a member of the group passed as group=")
+        return tensors, Reducer(group)
+    if group is not None:
+        raise ValueError(f"{caller}: group= is for plain tensors; DTensors bring their device mesh")
+    if not all(dtensors):
+        plain = names[dtensors.index(False)]
+        raise ValueError(f"{caller}: layer '{plain}' is a plain tensor among DTensors; pass all or none as DTensors")
+    mesh = tensors[0].device_mesh
+    for name, t in zip(names, tensors):
+        if t.device_mesh != mesh:
+            raise ValueError(f"{caller}: layer '{name}' is on device mesh {t.device_mesh}, but layer "
+                             f"'{names[0]}' is on {mesh}; one call takes DTensors of one mesh")
+    return [local_shard(t) for t in tensors], Reducer(_mesh_group(mesh, caller))
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """What this rank contributes for DTensor t: its local shard, or an empty tensor where it holds a replica
+    that a rank at coordinate 0 of the replicating mesh dimension already counts."""
+    from torch.distributed.tensor import Replicate
+
+    if any(p.is_partial() for p in t.placements):
+        t = t.redistribute(t.device_mesh, [Replicate() if p.is_partial() else p for p in t.placements])
+    coordinate = t.device_mesh.get_coordinate()
+    local = t.to_local()
+    replica = any(p.is_replicate() and coordinate[dim] != 0 for dim, p in enumerate(t.placements))
+    return local.new_empty(0) if replica else local
+
+
+def same_sharding(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when a and b are both plain tensors, or DTensors with the same mesh and placements."""
+    if is_dtensor(a) != is_dtensor(b):
+        return False
+    return not is_dtensor(a) or (a.device_mesh == b.device_mesh and a.placements == b.placements)
+
+
+def _mesh_group(mesh, caller: str) -> dist.ProcessGroup | None:
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    if mesh.size() == dist.get_world_size():
+        return None
+    raise ValueError(f"{caller}: a {mesh.ndim}-D device mesh must span all ranks ({mesh.size()} of "
+                     f"{dist.get_world_size()})")
