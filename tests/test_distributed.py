@@ -24,16 +24,16 @@ FIELDS = TensorStats.FIELDS
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
-def spawn(scenario: str) -> None:
+def spawn(scenario: str, world: int = WORLD) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    mp.spawn(_rank_main, args=(port, scenario), nprocs=WORLD, join=True)
+    mp.spawn(_rank_main, args=(port, scenario, world), nprocs=world, join=True)
 
 
-def _rank_main(rank: int, port: int, scenario: str) -> None:
+def _rank_main(rank: int, port: int, scenario: str, world: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         SCENARIOS[scenario](rank)
     finally:
@@ -178,7 +178,24 @@ def dtensor_scenario(rank: int) -> None:
             fgs.tensor_stats(by_hand, group=only_rank_0)
 
 
-SCENARIOS = {"fsdp2": fsdp2_scenario, "dtensor": dtensor_scenario}
+def two_dim_mesh_scenario(rank: int) -> None:
+    """HSDP-style 2×2 mesh: replicated along dim 0, sharded along dim 1 (and the reverse, and both sharded)."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2))
+    torch.manual_seed(3)
+    full = [torch.randn(5, 3), torch.randn(3, 7), torch.randn(4, 6)]
+    placements = [[Replicate(), Shard(0)], [Shard(1), Replicate()], [Shard(0), Shard(1)]]
+    sharded = [distribute_tensor(t, mesh, p) for t, p in zip(full, placements)]
+    with CountingAllReduce() as counter:
+        got = fgs.tensor_stats(sharded, hist="log2")
+    assert counter.calls == 2
+    assert_same_stats(got, fgs.tensor_stats(full, hist="log2"))
+    pairs = fgs.pair_stats(sharded, [t * 2 for t in sharded])
+    assert torch.allclose(pairs.total.dist, torch.cat([t.flatten() for t in full]).norm(), rtol=1e-5)
+
+
+SCENARIOS = {"fsdp2": fsdp2_scenario, "dtensor": dtensor_scenario, "2d-mesh": two_dim_mesh_scenario}
 
 
 def test_fsdp2_statistics_equal_the_unsharded_model():
@@ -187,3 +204,7 @@ def test_fsdp2_statistics_equal_the_unsharded_model():
 
 def test_dtensor_placements_and_hand_sharded_groups_give_global_statistics():
     spawn("dtensor")
+
+
+def test_two_dimensional_meshes_count_replicas_once():
+    spawn("2d-mesh", world=4)
