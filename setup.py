@@ -2,7 +2,9 @@ from pathlib import Path
 
 from setuptools import setup
 
-TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "transformers>=4.40", "pytest-benchmark>=4"]
+TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4"]
+INTEGRATIONS = ["matplotlib>=3.7", "tensorboard>=2.14", "wandb>=0.16", "lightning>=2.2", "transformers>=4.40",
+                "safetensors>=0.4", "tqdm"]
 
 setup(
     name="fastgradstats",
@@ -16,8 +18,9 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton>=3.3"],
-        "dev": ["triton>=3.3", "ruff", *TEST_DEPS],
-        "all": ["triton>=3.3", "safetensors", "matplotlib", "tensorboard", "wandb", *TEST_DEPS],
+        "plots": ["matplotlib>=3.7"],
+        "dev": ["triton>=3.3", "ruff", *TEST_DEPS, *INTEGRATIONS],
+        "all": ["triton>=3.3", *INTEGRATIONS],
     },
     entry_points={"console_scripts": ["fastgradstats=fastgradstats.cli:main"]},
 )

@@ -5,15 +5,21 @@
     stats.l2, stats.total.l2, print(stats.table())
 """
 
+from .alerts import Alert, AlertConfig
 from .api import grad_stats, param_stats, tensor_stats
 from .clip import clip_grad_norm_
+from .monitor import Monitor, StepRecord
 from .pairs import cosine_similarity, pair_stats
 from .results import PairStats, TensorStats
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Alert",
+    "AlertConfig",
+    "Monitor",
     "PairStats",
+    "StepRecord",
     "TensorStats",
     "clip_grad_norm_",
     "cosine_similarity",

@@ -1,0 +1,210 @@
+"""Monitor: per-layer gradient health every N steps, with alerts, history and logging sinks.
+
+    monitor = fgs.Monitor(model, every=10, track=("grad", "update"), sinks=[fgs.sinks.JSONL("stats.jsonl")])
+    monitor.attach(optimizer)          # or call monitor.step() after each backward, before optimizer.step()
+    ...
+    monitor.close()
+
+What ``track`` can hold, and the memory each choice keeps (besides the statistics themselves):
+
+* ``"grad"``: gradient statistics of the parameters that have a ``.grad`` (TensorStats). No copy.
+* ``"param"``: statistics of the parameter values (TensorStats). No copy.
+* ``"update"``: per layer ‖Δθ‖ and ‖Δθ‖/‖θ‖ of the optimizer step before a tracked step (PairStats of θ against
+  θ one step earlier). Keeps a copy of the parameters from the step before each tracked step.
+* ``"grad_cos"``: cosine (and distance) between this step's gradient and the last tracked one (PairStats).
+  Keeps a copy of the gradients between tracked steps.
+* ``"init"``: distance and cosine of the weights from those at the first step (PairStats). Keeps a copy of
+  the initial parameters.
+
+Statistics stay on the device; alerts are device-side flags until read, so a step syncs with the host only
+when a sink writes it or the caller reads ``record.alerts``.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Self
+
+import torch
+
+from .alerts import Alert, AlertConfig, AlertFlags, AlertTracker
+from .api import grad_stats, param_stats
+from .pairs import pair_stats
+from .results import LayerStats, PairStats
+
+TRACK_CHOICES = ("grad", "param", "update", "grad_cos", "init")
+
+
+@dataclass
+class StepRecord:
+    """What one tracked step produced: ``stats[kind]`` for each tracked kind that had data, and the alerts.
+
+    stats["grad"], stats["param"]: TensorStats; stats["update"], stats["grad_cos"], stats["init"]: PairStats
+    (a = now, b = the earlier tensors). All tensors are on the model's device.
+    """
+
+    step: int
+    stats: dict[str, LayerStats] = field(default_factory=dict)
+    alert_flags: AlertFlags | None = None
+
+    @functools.cached_property
+    def alerts(self) -> list[Alert]:
+        """The alerts of this step (reading them syncs with the device once)."""
+        return [] if self.alert_flags is None else self.alert_flags.materialize()
+
+    @property
+    def update_ratio(self) -> torch.Tensor | None:
+        """float32 [L] ‖Δθ‖ / ‖θ‖ per layer (the update-to-weight ratio), when "update" was recorded."""
+        update = self.stats.get("update")
+        return None if update is None else update.dist / update.a_l2
+
+    def to_dict(self) -> dict:
+        """Plain Python values (syncs): {"step", kind: stats.to_dict() for each kind, "alerts": [...]}."""
+        result: dict = {"step": self.step}
+        for kind, stats in self.stats.items():
+            result[kind] = stats.to_dict()
+        if "update" in self.stats:
+            ratios = self.update_ratio.tolist()
+            for name, ratio in zip(self.stats["update"].names, ratios):
+                result["update"]["layers"][name]["ratio"] = ratio
+        result["alerts"] = [alert.__dict__ for alert in self.alerts]
+        return result
+
+
+class Monitor:
+    """Tracks a model's gradient (and weight) statistics every ``every`` steps; see the module docstring.
+
+    Args:
+        model: the nn.Module to watch (it must have parameters).
+        every: track steps 1, 1 + every, 1 + 2·every, ... (counting calls of ``step()``).
+        hist: histogram of the grad/param statistics: "log2" (default), "linear" or None.
+        track: any of "grad", "param", "update", "grad_cos", "init".
+        sinks: objects with ``write(record)`` and ``close()`` (see :mod:`fastgradstats.sinks`).
+        alerts: compute gradient alerts (needs "grad"); ``alert_config`` sets their thresholds.
+        history: how many records ``monitor.history`` keeps (the oldest are dropped).
+        backend: statistics backend, as in ``tensor_stats``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        every: int = 1,
+        hist: str | None = "log2",
+        track: Sequence[str] = ("grad",),
+        sinks: Iterable = (),
+        alerts: bool = True,
+        alert_config: AlertConfig | None = None,
+        history: int = 1000,
+        backend: str | None = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"Monitor: model must be an nn.Module, got {type(model).__name__}")
+        if not any(True for _ in model.parameters()):
+            raise ValueError(f"Monitor: the model ({type(model).__name__}) has no parameters")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"Monitor: every must be an int >= 1, got {every!r}")
+        track = (track,) if isinstance(track, str) else tuple(track)
+        unknown = [kind for kind in track if kind not in TRACK_CHOICES]
+        if unknown or not track:
+            raise ValueError(f"Monitor: track must be a non-empty subset of {TRACK_CHOICES}, got {track!r}")
+        self.sinks = list(sinks)
+        for sink in self.sinks:
+            if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
+                raise TypeError(f"Monitor: a sink needs write(record) and close() methods, got {sink!r}")
+        self.model, self.every, self.hist, self.track, self.backend = model, every, hist, track, backend
+        self.alert_tracker = AlertTracker(alert_config) if alerts and "grad" in track else None
+        self.history: collections.deque[StepRecord] = collections.deque(maxlen=history)
+        self.steps = 0
+        self.closed = False
+        self._hooks: list = []
+        self._previous_params: list[tuple[str, torch.Tensor]] | None = None
+        self._previous_grads: list[tuple[str, torch.Tensor]] | None = None
+        self._initial_params: list[tuple[str, torch.Tensor]] | None = None
+        self._warned_no_grads = False
+
+    def step(self) -> StepRecord | None:
+        """Count a training step; on tracked steps compute, record, alert and write to the sinks.
+
+        Call after ``backward()`` and before ``optimizer.step()`` (``attach`` does it for you). Returns the
+        StepRecord of a tracked step, None otherwise.
+        """
+        if self.closed:
+            raise RuntimeError("Monitor.step() called after close()")
+        self.steps += 1
+        record = self._record(self.steps) if (self.steps - 1) % self.every == 0 else None
+        if "update" in self.track and self.steps % self.every == 0:  # the next step is tracked
+            self._previous_params = self._copy_params()
+        if record is not None:
+            self.history.append(record)
+            for sink in self.sinks:
+                sink.write(record)
+        return record
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Monitor:
+        """Call ``step()`` from the optimizer's step pre-hook, so the training loop need not change."""
+        def before_optimizer_step(*_) -> None:
+            self.step()
+
+        self._hooks.append(optimizer.register_step_pre_hook(before_optimizer_step))
+        return self
+
+    def close(self) -> None:
+        """Detach from optimizers, close the sinks and drop the kept copies. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for hook in self._hooks:
+            hook.remove()
+        self._previous_params = self._previous_grads = self._initial_params = None
+        for sink in self.sinks:
+            sink.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _record(self, step: int) -> StepRecord:
+        record = StepRecord(step)
+        kwargs = {"hist": self.hist, "backend": self.backend}
+        named = list(self.model.named_parameters())
+        if "init" in self.track and self._initial_params is None:
+            self._initial_params = self._copy_params()
+        if "grad" in self.track or "grad_cos" in self.track:
+            grads = [(name, p.grad) for name, p in named if p.grad is not None]
+            if not grads and not self._warned_no_grads:
+                warnings.warn("Monitor.step(): no parameter has a gradient yet (call it after backward())",
+                              stacklevel=3)
+                self._warned_no_grads = True
+            if grads and "grad" in self.track:
+                record.stats["grad"] = grad_stats(named, **kwargs)
+                if self.alert_tracker is not None:
+                    record.alert_flags = self.alert_tracker.update(step, record.stats["grad"])
+            if grads and "grad_cos" in self.track:
+                if self._previous_grads is not None:
+                    record.stats["grad_cos"] = _pairs(grads, self._previous_grads, self.backend)
+                self._previous_grads = [(name, g.detach().clone()) for name, g in grads]
+        if "param" in self.track:
+            record.stats["param"] = param_stats(named, **kwargs)
+        params = [(name, p.detach()) for name, p in named]
+        if "update" in self.track and self._previous_params is not None:
+            record.stats["update"] = _pairs(params, self._previous_params, self.backend)
+        if "init" in self.track:
+            record.stats["init"] = _pairs(params, self._initial_params, self.backend)
+        return record
+
+    def _copy_params(self) -> list[tuple[str, torch.Tensor]]:
+        return [(name, p.detach().clone()) for name, p in self.model.named_parameters()]
+
+
+def _pairs(now: list[tuple[str, torch.Tensor]], before: list[tuple[str, torch.Tensor]], backend) -> PairStats:
+    """PairStats of the layers present both now and before (a = now, b = before), matched by name."""
+    return pair_stats(dict(now), dict(before), strict=False, backend=backend)
+
+
