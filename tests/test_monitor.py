@@ -1,0 +1,222 @@
+"""Monitor: tracked steps, what each tracked kind measures, alerts, history, hooks and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastgradstats as fgs
+from fastgradstats.alerts import AlertConfig
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def backward(model: torch.nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    model.zero_grad()
+    model(torch.randn(16, 4, generator=generator)).pow(2).mean().backward()
+
+
+def train(monitor: fgs.Monitor, model: torch.nn.Module, steps: int, lr: float = 0.1, tamper=None) -> list:
+    """SGD steps with monitor.step() between backward and the update; ``tamper(step)`` may edit the grads."""
+    records = []
+    for step in range(1, steps + 1):
+        backward(model, seed=step)
+        if tamper is not None:
+            tamper(step)
+        records.append(monitor.step())
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * p.grad
+    return records
+
+
+def test_only_every_nth_step_is_tracked():
+    model = make_model()
+    records = train(fgs.Monitor(model, every=3), model, steps=7)
+    assert [r.step if r else None for r in records] == [1, None, None, 4, None, None, 7]
+
+
+def test_grad_stats_are_those_of_the_gradients():
+    model = make_model()
+    record = train(fgs.Monitor(model), model, steps=1)[0]
+    want = fgs.grad_stats(model)
+    assert record.stats["grad"].names == want.names
+    assert torch.equal(record.stats["grad"].l2, want.l2)
+    assert record.stats["grad"].hist is not None  # log2 by default
+
+
+def test_update_is_the_last_optimizer_step():
+    model = make_model()
+    monitor = fgs.Monitor(model, track=("grad", "update"), every=2)
+    grads_before_step_2, params_at_step_3 = {}, {}
+
+    def remember(step):
+        if step == 2:
+            grads_before_step_2.update({n: p.grad.clone() for n, p in model.named_parameters()})
+        if step == 3:
+            params_at_step_3.update({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    records = train(monitor, model, steps=3, lr=0.1, tamper=remember)
+    assert "update" not in records[0].stats  # nothing before the first step
+    update, ratio = records[2].stats["update"], records[2].update_ratio
+    for i, name in enumerate(update.names):
+        step_norm = 0.1 * grads_before_step_2[name].norm().item()
+        assert update.dist[i].item() == pytest.approx(step_norm, rel=1e-5)
+        assert ratio[i].item() == pytest.approx(step_norm / params_at_step_3[name].norm().item(), rel=1e-5)
+
+
+def test_grad_cos_compares_with_the_last_tracked_gradient():
+    model = make_model()
+    monitor = fgs.Monitor(model, track=("grad_cos",))
+    grads = []
+    records = []
+    for step in (1, 2):
+        backward(model, seed=step)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        records.append(monitor.step())
+    cos = records[1].stats["grad_cos"]
+    for i, name in enumerate(cos.names):
+        want = F.cosine_similarity(grads[1][name].flatten(), grads[0][name].flatten(), dim=0)
+        assert cos.cos[i].item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_init_measures_the_distance_from_the_first_step():
+    model = make_model()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    record = train(fgs.Monitor(model, track=("init",)), model, steps=4)[-1]
+    init = record.stats["init"]
+    for i, name in enumerate(init.names):
+        # the record is taken before step 4's update: three SGD steps away from the start
+        distance = (dict(model.named_parameters())[name].detach() + 0.1 * dict(model.named_parameters())[name].grad
+                    - initial[name]).norm()
+        assert init.dist[i].item() == pytest.approx(distance.item(), rel=1e-4)
+
+
+def test_healthy_training_raises_no_alert():
+    model = make_model()
+    records = train(fgs.Monitor(model), model, steps=12)
+    assert all(not r.alerts for r in records)
+
+
+def test_nan_gradient_alert_names_the_layer():
+    model = make_model()
+
+    def inject(step):
+        if step == 3:
+            model[2].weight.grad[0, 1] = float("nan")
+
+    records = train(fgs.Monitor(model), model, steps=3, tamper=inject)
+    alerts = records[-1].alerts
+    assert [(a.kind, a.layer, a.value) for a in alerts] == [("nonfinite", "2.weight", 1.0)]
+    assert "2.weight" in alerts[0].message
+
+
+def test_dead_layer_alert():
+    model = make_model()
+
+    def kill(step):
+        model[0].bias.grad.zero_()
+
+    alerts = train(fgs.Monitor(model), model, steps=2, tamper=kill)[-1].alerts
+    assert [(a.kind, a.layer) for a in alerts] == [("dead", "0.bias")]
+
+
+@pytest.mark.parametrize("factor, kind", [(1e4, "exploding"), (1e-6, "vanishing")])
+def test_spike_or_collapse_against_a_layers_history(factor, kind):
+    model = make_model()
+    config = AlertConfig(warmup=3)
+
+    def scale(step):
+        if step == 8:
+            model[2].weight.grad.mul_(factor)
+
+    records = train(fgs.Monitor(model, alert_config=config), model, steps=8, lr=0.01, tamper=scale)
+    assert all(not r.alerts for r in records[:-1])
+    assert [(a.kind, a.layer) for a in records[-1].alerts] == [(kind, "2.weight")]
+
+
+def test_alerts_stay_on_the_device_until_read():
+    model = make_model()
+    record = train(fgs.Monitor(model), model, steps=1)[0]
+    assert "alerts" not in record.__dict__  # not materialised (no sync) yet
+    assert all(isinstance(flag, torch.Tensor) for flag in record.alert_flags.flags.values())
+    assert record.alerts == []
+
+
+def test_history_is_bounded():
+    model = make_model()
+    monitor = fgs.Monitor(model, history=3)
+    train(monitor, model, steps=5)
+    assert [r.step for r in monitor.history] == [3, 4, 5]
+
+
+def test_attach_steps_from_the_optimizer_hook():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = fgs.Monitor(model, every=2).attach(optimizer)
+    for step in range(1, 5):
+        backward(model, seed=step)
+        optimizer.step()
+    assert [r.step for r in monitor.history] == [1, 3]
+    monitor.close()
+    backward(model, seed=9)
+    optimizer.step()  # detached: no more records, no error
+    assert len(monitor.history) == 2
+
+
+def test_sinks_receive_each_tracked_record_and_are_closed():
+    class Collect:
+        def __init__(self):
+            self.records, self.closed = [], False
+
+        def write(self, record):
+            self.records.append(record.step)
+
+        def close(self):
+            self.closed = True
+
+    model = make_model()
+    sink = Collect()
+    with fgs.Monitor(model, every=2, sinks=[sink]) as monitor:
+        train(monitor, model, steps=4)
+    assert sink.records == [1, 3] and sink.closed
+
+
+def test_step_before_backward_warns_once_and_records_nothing():
+    model = make_model()
+    monitor = fgs.Monitor(model)
+    with pytest.warns(UserWarning, match="no parameter has a gradient"):
+        record = monitor.step()
+    assert record.stats == {}
+    monitor.step()  # no second warning (pytest would not fail on it, so check the flag)
+    assert monitor._warned_no_grads
+
+
+def test_stepping_a_closed_monitor_raises():
+    monitor = fgs.Monitor(make_model())
+    monitor.close()
+    monitor.close()  # idempotent
+    with pytest.raises(RuntimeError, match="after close"):
+        monitor.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"every": 0}, ValueError, "every"),
+        ({"track": ("grad", "weights")}, ValueError, "track"),
+        ({"track": ()}, ValueError, "track"),
+        ({"sinks": [object()]}, TypeError, "sink"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fgs.Monitor(make_model(), **kwargs)
+
+
+def test_model_without_parameters_is_rejected():
+    with pytest.raises(ValueError, match="no parameters"):
+        fgs.Monitor(torch.nn.ReLU())
