@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from conftest import DEVICE
 
 import fastgradstats as fgs
-from fastgradstats.cli import main
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,32 +125,3 @@ def test_clip_grad_norm_of_the_model_matches_torch(model):
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-9)
     assert len(stats) == len(ours)
-
-
-def test_cli_demo_trains_and_prints_the_table(capsys):
-    assert main(["demo", "--steps", "4", "--every", "2"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("step ") == 4
-    header = [line for line in out.splitlines() if line.startswith("layer")]
-    assert len(header) == 2
-    assert all(field in header[0] for field in ("numel", "l2", "mean", "std", "zeros", "nonfinite"))
-    assert "transformer.wte.weight" in out and "total" in out
-    assert "log2 |grad| histogram" in out
-    losses = [float(line.split("loss ")[1].split()[0]) for line in out.splitlines() if line.startswith("step ")]
-    assert losses[-1] < losses[0]
-
-
-@pytest.mark.parametrize("argv", [[], ["demo", "--every", "0"], ["demo", "--steps", "-1"], ["demo", "--backend", "jax"]])
-def test_cli_rejects_bad_arguments(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    assert "usage: fastgradstats" in capsys.readouterr().err
-
-
-def test_cli_triton_backend_on_cpu_needs_the_interpreter(monkeypatch, capsys):
-    pytest.importorskip("fastgradstats.kernels")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(SystemExit):
-        main(["demo", "--backend", "triton"])
-    assert "TRITON_INTERPRET=1" in capsys.readouterr().err

@@ -1,0 +1,255 @@
+"""Where Monitor writes its records: JSON lines, TensorBoard, Weights & Biases.
+
+    monitor = fgs.Monitor(model, track=("grad", "update"),
+                          sinks=[fgs.sinks.JSONL("runs/stats.jsonl"), fgs.sinks.TensorBoard("runs/tb")])
+
+A sink is any object with ``write(record)`` and ``close()``; Monitor calls ``write`` on every tracked step and
+``close`` from ``Monitor.close()``. Writing a record syncs with the device once per tracked kind.
+
+TensorBoard and Weights & Biases get the same flat scalar names, ``{kind}/{field}/{layer}`` and
+``{kind}/{field}/total``, with the fields of :data:`SCALAR_FIELDS`; ``alerts/{kind}`` counts the alerts of
+each kind (when alerts are tracked); histograms are ``{kind}/hist/{layer}`` and ``{kind}/hist/total``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .alerts import KINDS as ALERT_KINDS
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from .monitor import StepRecord
+
+INSTALL_HINT = 'pip install "fastgradstats[all]"'
+
+SCALAR_FIELDS: dict[str, tuple[str, ...]] = {
+    "grad": ("l2", "linf", "mean", "std", "nonfinite", "zeros"),
+    "param": ("l2", "std"),
+    "update": ("dist", "ratio"),
+    "grad_cos": ("cos", "dist"),
+    "init": ("cos", "dist"),
+}
+"""The per-layer and total fields each tracked kind contributes as scalars (``ratio`` is ‖Δθ‖ / ‖θ‖)."""
+
+
+class JSONL:
+    """Appends one JSON object per record to ``path`` (``record.to_dict()``, one line each).
+
+    Parent directories are created. Each line is serialized in full, then written with one write and flushed,
+    so a record that fails to serialize leaves nothing behind. Non-finite values are written as Python's
+    ``json`` writes them (``NaN``, ``Infinity``, ``-Infinity``): ``json.loads`` reads them back, strict JSON
+    parsers (``jq``, JavaScript's ``JSON.parse``) do not.
+
+    Raises OSError naming ``path`` when the file cannot be opened (at construction) or written.
+
+        sink = fgs.sinks.JSONL("runs/stats.jsonl")
+        [json.loads(line) for line in open("runs/stats.jsonl")]  # [{"step": 1, "grad": {...}, "alerts": []}]
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
+        except OSError as error:
+            raise _path_error(self.path, error) from error
+        self.closed = False
+
+    def write(self, record: StepRecord) -> None:
+        """Append ``record`` as one line (syncs with the device)."""
+        if self.closed:
+            raise RuntimeError(f"JSONL sink: write() after close() ({self.path})")
+        line = json.dumps(record.to_dict()) + "\n"
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as error:
+            raise _path_error(self.path, error) from error
+
+    def close(self) -> None:
+        """Close the file. Idempotent."""
+        self.closed = True
+        self._file.close()
+
+
+class TensorBoard:
+    """Logs scalars, histograms and alert counts of each record to TensorBoard at ``global_step=record.step``.
+
+    Args:
+        log_dir_or_writer: a directory (a ``SummaryWriter`` is created there and closed by ``close()``) or an
+            existing ``torch.utils.tensorboard.SummaryWriter`` (``close()`` only flushes it).
+
+    Histograms go through ``add_histogram_raw`` from our own counts and edges, without recomputation:
+    bucket_limits are the upper edges of the buckets from the first to the last non-empty one, min and max
+    the outer edges of that span, num the counted values, sum and sum_squares the layer's Σx and l2². Log2
+    histograms are of |x| with power-of-two buckets on TensorBoard's linear axis. Layers whose histogram
+    counted nothing are skipped.
+
+        sink = fgs.sinks.TensorBoard("runs/tb")  # tags "grad/l2/0.weight", "grad/hist/0.weight", ...
+    """
+
+    def __init__(self, log_dir_or_writer: str | os.PathLike | SummaryWriter) -> None:
+        if isinstance(log_dir_or_writer, (str, os.PathLike)):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise ImportError(f"TensorBoard sink needs the tensorboard package: {INSTALL_HINT}") from error
+            self.writer = SummaryWriter(log_dir=os.fspath(log_dir_or_writer))
+            self.owns_writer = True
+        else:
+            needed = ("add_scalar", "add_histogram_raw", "flush")
+            if not all(callable(getattr(log_dir_or_writer, name, None)) for name in needed):
+                raise TypeError(
+                    f"TensorBoard sink: expected a log directory or a SummaryWriter, got {log_dir_or_writer!r}"
+                )
+            self.writer = log_dir_or_writer
+            self.owns_writer = False
+        self.closed = False
+
+    def write(self, record: StepRecord) -> None:
+        """Add the scalars, histograms and alert counts of ``record`` (syncs with the device)."""
+        if self.closed:
+            raise RuntimeError("TensorBoard sink: write() after close()")
+        data = _plain(record)
+        for tag, value in scalars(record, data).items():
+            self.writer.add_scalar(tag, value, global_step=record.step)
+        for hist in _histograms(data):
+            self.writer.add_histogram_raw(
+                hist.tag,
+                min=hist.edges[0],
+                max=hist.edges[-1],
+                num=sum(hist.counts),
+                sum=hist.sum,
+                sum_squares=hist.sum_squares,
+                bucket_limits=hist.edges[1:],
+                bucket_counts=hist.counts,
+                global_step=record.step,
+            )
+
+    def close(self) -> None:
+        """Close the writer this sink created, or flush the one it was given. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.owns_writer:
+            self.writer.close()
+        else:
+            self.writer.flush()
+
+
+class Wandb:
+    """Logs each record to a Weights & Biases run as one flat dict at ``step=record.step``.
+
+    Args:
+        run: the run to log to; default the active ``wandb.run`` (RuntimeError when there is none).
+
+    Keys are those of the TensorBoard sink; histograms are ``wandb.Histogram(np_histogram=(counts, edges))``
+    over the non-empty span of our buckets. The row is left open (no commit), so metrics you log at the same
+    step join it; W&B drops rows logged at a step lower than the run's current one, so log your own metrics
+    against the same step count as the Monitor's. ``close()`` does not finish the run (the sink never owns
+    one).
+
+        wandb.init(project="my-model")
+        sink = fgs.sinks.Wandb()
+    """
+
+    def __init__(self, run: Any = None) -> None:
+        try:
+            import wandb
+        except ImportError as error:
+            raise ImportError(f"Wandb sink needs the wandb package: {INSTALL_HINT}") from error
+        run = wandb.run if run is None else run
+        if run is None:
+            raise RuntimeError("Wandb sink: no active wandb run; call wandb.init(...) first or pass run=...")
+        self.run = run
+        self._histogram = wandb.Histogram
+        self.closed = False
+
+    def write(self, record: StepRecord) -> None:
+        """Log the scalars, histograms and alert counts of ``record`` (syncs with the device)."""
+        if self.closed:
+            raise RuntimeError("Wandb sink: write() after close()")
+        data = _plain(record)
+        payload: dict[str, Any] = dict(scalars(record, data))
+        for hist in _histograms(data):
+            payload[hist.tag] = self._histogram(np_histogram=(hist.counts, hist.edges))
+        self.run.log(payload, step=record.step)
+
+    def close(self) -> None:
+        """Stop writing; the run stays open for its owner to finish."""
+        self.closed = True
+
+
+def scalars(record: StepRecord, data: dict | None = None) -> dict[str, float]:
+    """The flat scalars of ``record`` that TensorBoard and Wandb log (syncs unless ``data`` is given).
+
+    ``{kind}/{field}/{layer}`` and ``{kind}/{field}/total`` for the fields of :data:`SCALAR_FIELDS`, and
+    ``alerts/{kind}`` (the number of alerts of each kind) when alerts are tracked. ``data`` is
+    ``record.to_dict()`` with the update's total ratio, when the caller already has it.
+
+        scalars(record)["grad/l2/total"]  # the global gradient norm
+    """
+    data = _plain(record) if data is None else data
+    values: dict[str, float] = {}
+    for kind, fields in SCALAR_FIELDS.items():
+        if kind not in data:
+            continue
+        layers = {**data[kind]["layers"], "total": data[kind]["total"]}
+        for field in fields:
+            for layer, stats in layers.items():
+                values[f"{kind}/{field}/{layer}"] = stats[field]
+    if record.alert_flags is not None:
+        kinds = [alert["kind"] for alert in data["alerts"]]
+        values.update({f"alerts/{kind}": kinds.count(kind) for kind in ALERT_KINDS})
+    return values
+
+
+@dataclass
+class _Histogram:
+    """One layer's histogram over its non-empty span: counts [n], edges [n + 1], and the layer's Σx, Σx²."""
+
+    tag: str
+    counts: list[int]
+    edges: list[float]
+    sum: float
+    sum_squares: float
+
+
+def _plain(record: StepRecord) -> dict:
+    """``record.to_dict()`` plus the update's total ratio ‖Δθ‖ / ‖θ‖ over all layers."""
+    data = record.to_dict()
+    if "update" in record.stats:
+        total = record.stats["update"].total
+        data["update"]["total"]["ratio"] = (total.dist / total.a_l2).item()
+    return data
+
+
+def _histograms(data: dict) -> Iterator[_Histogram]:
+    """The non-empty histograms of every layer and total in ``data`` (a ``record.to_dict()``)."""
+    for kind, kind_data in data.items():
+        if not isinstance(kind_data, dict):
+            continue
+        layers = {**kind_data["layers"], "total": kind_data["total"]}
+        for layer, stats in layers.items():
+            if stats is None or "hist" not in stats:
+                continue
+            counts, edges = stats["hist"], stats["hist_edges"]
+            filled = [i for i, count in enumerate(counts) if count > 0]
+            if not filled:
+                continue
+            first, last = filled[0], filled[-1]
+            yield _Histogram(f"{kind}/hist/{layer}", counts[first:last + 1], edges[first:last + 2],
+                             stats["sum"], stats["l2"] ** 2)
+
+
+def _path_error(path: Path, error: OSError) -> OSError:
+    """``error`` again (same errno, so the same OSError subclass), with a message that names ``path``."""
+    message = f"JSONL sink: cannot write {path}: {error.strerror or error}"
+    return OSError(error.errno, message) if error.errno is not None else OSError(message)

@@ -1,0 +1,224 @@
+"""Sinks: what JSONL, TensorBoard and Wandb write for Monitor records, read back with each tool's own reader."""
+
+import json
+import math
+import re
+import sys
+
+import pytest
+import torch
+
+import fastgradstats as fgs
+from fastgradstats.sinks import SCALAR_FIELDS, scalars
+
+TRACK = ("grad", "param", "update", "grad_cos", "init")
+STEPS = 4
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def run_monitor(sinks: list, hist: str = "log2", steps: int = STEPS, tamper=None) -> list:
+    """SGD steps on a tiny model with a Monitor tracking every kind; closes the monitor (and the sinks)."""
+    model = make_model()
+    monitor = fgs.Monitor(model, hist=hist, track=TRACK, sinks=sinks)
+    records = []
+    for step in range(1, steps + 1):
+        generator = torch.Generator().manual_seed(step)
+        model.zero_grad()
+        model(torch.randn(16, 4, generator=generator)).pow(2).mean().backward()
+        if tamper is not None:
+            tamper(model)
+        records.append(monitor.step())
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+    monitor.close()
+    return records
+
+
+def layer_hist(stats, i: int) -> tuple[list[int], list[float]]:
+    """Counts and edges of layer ``i`` of a TensorStats (edges shared by all layers for log2)."""
+    edges = stats.hist_edges if stats.hist_edges.dim() == 1 else stats.hist_edges[i]
+    return stats.hist[i].tolist(), edges.tolist()
+
+
+# JSONL
+
+
+def test_jsonl_writes_each_record_as_one_json_line(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    records = run_monitor([fgs.sinks.JSONL(path)])
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [record.to_dict() for record in records]
+    assert all({"step", "grad", "alerts"} <= json.loads(line).keys() for line in lines)
+
+
+def test_jsonl_creates_parent_dirs_and_appends(tmp_path):
+    path = tmp_path / "runs" / "a" / "stats.jsonl"
+    run_monitor([fgs.sinks.JSONL(path)], steps=2)
+    run_monitor([fgs.sinks.JSONL(path)], steps=3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 1, 2, 3]
+
+
+def test_jsonl_writes_nan_as_python_json_does(tmp_path):
+    path = tmp_path / "stats.jsonl"
+
+    def poison(model):
+        model[0].weight.grad[0, 0] = float("nan")
+
+    run_monitor([fgs.sinks.JSONL(path)], steps=1, tamper=poison)
+    line = path.read_text()
+    assert "NaN" in line
+    assert math.isnan(json.loads(line)["grad"]["layers"]["0.weight"]["l2"])
+
+
+def test_jsonl_unwritable_path_raises_naming_it(tmp_path):
+    regular_file = tmp_path / "not_a_dir"
+    regular_file.write_text("")
+    path = regular_file / "stats.jsonl"
+    with pytest.raises(OSError, match=re.escape(str(path))):
+        fgs.sinks.JSONL(path)
+
+
+def test_jsonl_write_after_close_raises(tmp_path):
+    sink = fgs.sinks.JSONL(tmp_path / "stats.jsonl")
+    records = run_monitor([sink], steps=1)
+    with pytest.raises(RuntimeError, match="after close"):
+        sink.write(records[0])
+
+
+# TensorBoard
+
+
+def read_events(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def test_tensorboard_scalars_equal_our_stats(tmp_path):
+    records = run_monitor([fgs.sinks.TensorBoard(tmp_path)])
+    events = read_events(tmp_path)
+    expected_tags = set().union(*(scalars(record) for record in records))
+    assert set(events.Tags()["scalars"]) == expected_tags
+    for tag, (kind, i) in {"grad/l2/0.weight": ("grad", 0), "param/l2/2.bias": ("param", 3)}.items():
+        logged = [(event.step, event.value) for event in events.Scalars(tag)]
+        assert logged == [(r.step, r.stats[kind].l2[i].item()) for r in records]
+    ratios = [(event.step, event.value) for event in events.Scalars("update/ratio/0.weight")]
+    assert ratios == [(r.step, r.update_ratio[0].item()) for r in records if r.update_ratio is not None]
+    totals = [event.value for event in events.Scalars("grad/l2/total")]
+    assert totals == [r.stats["grad"].total.l2.item() for r in records]
+    assert [event.value for event in events.Scalars("alerts/dead")] == [0.0] * STEPS
+
+
+def test_scalars_cover_every_tracked_kind_and_field():
+    record = run_monitor([], steps=2)[-1]
+    names = [name for name, _ in make_model().named_parameters()]
+    expected = {f"{kind}/{field}/{layer}" for kind, fields in SCALAR_FIELDS.items() for field in fields
+                for layer in [*names, "total"]}
+    expected |= {f"alerts/{kind}" for kind in ("nonfinite", "dead", "vanishing", "exploding")}
+    assert set(scalars(record)) == expected
+
+
+@pytest.mark.parametrize("hist", ["log2", "linear"])
+def test_tensorboard_histograms_hold_our_counts(tmp_path, hist):
+    records = run_monitor([fgs.sinks.TensorBoard(tmp_path)], hist=hist)
+    events = read_events(tmp_path)
+    for kind in ("grad", "param"):
+        for i, name in enumerate(records[0].stats[kind].names):
+            logged = events.Histograms(f"{kind}/hist/{name}")
+            assert [event.step for event in logged] == [r.step for r in records]
+            for event, record in zip(logged, records):
+                counts, edges = layer_hist(record.stats[kind], i)
+                value = event.histogram_value
+                assert sum(value.bucket) == value.num == sum(counts)
+                assert set(value.bucket_limit) <= set(edges[1:])
+        assert len(events.Histograms(f"{kind}/hist/total")) == STEPS
+
+
+def test_tensorboard_skips_empty_histograms(tmp_path):
+    def zero_first_bias(model):
+        model[0].bias.grad.zero_()
+
+    run_monitor([fgs.sinks.TensorBoard(tmp_path)], steps=1, tamper=zero_first_bias)
+    histograms = read_events(tmp_path).Tags()["histograms"]
+    assert "grad/hist/0.bias" not in histograms
+    assert "grad/hist/0.weight" in histograms
+
+
+def test_tensorboard_flushes_but_does_not_close_a_given_writer(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(tmp_path)
+    run_monitor([fgs.sinks.TensorBoard(writer)], steps=2)
+    assert len(read_events(tmp_path).Scalars("grad/l2/total")) == 2
+    writer.add_scalar("after", 1.0, 3)  # still open
+    writer.close()
+
+
+def test_tensorboard_rejects_what_is_not_a_writer():
+    with pytest.raises(TypeError, match="SummaryWriter"):
+        fgs.sinks.TensorBoard(42)
+
+
+# Wandb
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    """The wandb module, kept offline and out of the home directory."""
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                        "WANDB_DIR": tmp_path, "WANDB_CACHE_DIR": tmp_path / "cache",
+                        "WANDB_CONFIG_DIR": tmp_path / "config", "WANDB_DATA_DIR": tmp_path / "data"}.items():
+        monkeypatch.setenv(name, str(value))
+    return pytest.importorskip("wandb")
+
+
+def test_wandb_logs_our_values_at_each_step(tmp_path, wandb_offline):
+    run = wandb_offline.init(mode="offline", dir=tmp_path, project="fastgradstats-tests")
+    try:
+        records = run_monitor([fgs.sinks.Wandb()])
+        run.log({"done": 1}, step=STEPS + 1)  # commits the last Monitor row
+        summary = run.summary
+        last = records[-1]
+        assert summary["grad/l2/0.weight"] == pytest.approx(last.stats["grad"].l2[0].item())
+        assert summary["update/ratio/total"] == pytest.approx(
+            (last.stats["update"].total.dist / last.stats["update"].total.a_l2).item())
+        assert summary["alerts/nonfinite"] == 0
+        counts, edges = layer_hist(last.stats["grad"], 0)
+        histogram = summary["grad/hist/0.weight"]
+        assert sum(histogram["values"]) == sum(counts)
+        assert set(histogram["bins"]) <= set(edges)
+        assert summary["_step"] == last.step  # the row holding these values was logged at the record's step
+    finally:
+        run.finish()
+
+
+def test_wandb_close_leaves_the_run_open(tmp_path, wandb_offline):
+    run = wandb_offline.init(mode="offline", dir=tmp_path, project="fastgradstats-tests")
+    try:
+        run_monitor([fgs.sinks.Wandb(run)], steps=1)
+        run.log({"after": 1.0}, step=2)  # would raise on a finished run
+    finally:
+        run.finish()
+
+
+def test_wandb_without_a_run_raises(wandb_offline, monkeypatch):
+    monkeypatch.setattr(wandb_offline, "run", None)
+    with pytest.raises(RuntimeError, match="wandb.init"):
+        fgs.sinks.Wandb()
+
+
+@pytest.mark.parametrize(("module", "make_sink"), [
+    ("wandb", lambda tmp_path: fgs.sinks.Wandb()),
+    ("torch.utils.tensorboard", lambda tmp_path: fgs.sinks.TensorBoard(tmp_path)),
+])
+def test_missing_package_names_the_pip_extra(tmp_path, monkeypatch, module, make_sink):
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=re.escape('pip install "fastgradstats[all]"')):
+        make_sink(tmp_path)
