@@ -4,7 +4,7 @@ from setuptools import setup
 
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4"]
 INTEGRATIONS = ["matplotlib>=3.7", "tensorboard>=2.14", "wandb>=0.16", "lightning>=2.2", "transformers>=4.40",
-                "safetensors>=0.4", "tqdm"]
+                "accelerate>=1.1", "safetensors>=0.4", "tqdm"]
 
 setup(
     name="fastgradstats",
@@ -13,7 +13,7 @@ setup(
     long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastgradstats", "fastgradstats.kernels"],
+    packages=["fastgradstats", "fastgradstats.integrations", "fastgradstats.kernels"],
     package_dir={"fastgradstats": "fastgradstats", "fastgradstats.kernels": "kernels"},
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
