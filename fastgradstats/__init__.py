@@ -5,7 +5,7 @@
     stats.l2, stats.total.l2, print(stats.table())
 """
 
-from . import sinks
+from . import plots, sinks
 from .alerts import Alert, AlertConfig
 from .api import grad_stats, param_stats, tensor_stats
 from .clip import clip_grad_norm_
@@ -27,6 +27,7 @@ __all__ = [
     "grad_stats",
     "pair_stats",
     "param_stats",
+    "plots",
     "sinks",
     "tensor_stats",
 ]

@@ -1,0 +1,398 @@
+"""Plots of gradient statistics: per-layer gradient flow, log2 histograms over steps, norms over steps.
+
+    from fastgradstats import plots
+    fig = plots.gradient_flow(fgs.grad_stats(model), path="flow.png")
+    fig = plots.log2_heatmap(monitor.history, "blocks.0.attn.w_q.weight", path="w_q.png")
+    fig = plots.norms_over_time(monitor.history, path="norms.png")
+
+Each function returns a ``matplotlib.figure.Figure`` drawn on the non-interactive Agg canvas (pyplot's global
+state is never touched) and, when ``path`` is given, saves it there (PNG unless the suffix names another
+format matplotlib writes). matplotlib is imported only when a plot is made:
+``pip install "fastgradstats[plots]"``.
+Statistics are copied to the host once per plot (one sync per record).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .monitor import StepRecord
+from .results import LayerStats, TensorStats
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+# Fields that cannot be negative: plotted on a log axis (zeros left out). Signed fields get a linear axis.
+NONNEGATIVE_FIELDS = ("numel", "l1", "l2", "linf", "std", "zeros", "nonfinite", "a_l2", "b_l2", "dist")
+MAX_DEFAULT_LINES = 8
+NONFINITE_COLOR = "tab:red"
+MIN_SHOWN_BINS = 8  # log2_heatmap trims empty exponents, but shows at least this many
+FP16_SMALLEST_EXP = -24  # fp16's smallest subnormal: smaller |values| flush to zero in fp16
+
+
+def gradient_flow(stats: TensorStats, path: str | os.PathLike | None = None) -> Figure:
+    """Bars of mean |g| (l1 / numel), max |g| (linf) and l2 per layer on a log axis, titled with the total l2.
+
+    A layer with NaN/Inf values (``nonfinite`` > 0 or a non-finite statistic) is shaded with red hatching and
+    marked with a red x (its tick label turns red); an all-zero layer gets a grey circle on the bottom axis.
+    Both appear in the legend when present. Raises ValueError when ``stats`` has no layers.
+
+    Example::
+
+        loss.backward()
+        plots.gradient_flow(fgs.grad_stats(model), path="flow.png")
+    """
+    if not isinstance(stats, TensorStats):
+        raise TypeError(f"gradient_flow: expected TensorStats (e.g. record.stats['grad']), "
+                        f"got {type(stats).__name__}")
+    if len(stats) == 0:
+        raise ValueError("gradient_flow: the statistics have no layers")
+    _require_matplotlib()
+    names = list(stats.names)
+    numel, l1, linf, l2, nonfinite = (_host(stats.numel), _host(stats.l1), _host(stats.linf), _host(stats.l2),
+                                      _host(stats.nonfinite))
+    total_l2 = float(_host(_total(stats).l2)[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_abs = np.where(numel > 0, l1 / numel, np.nan)
+    series = {"mean |g|": mean_abs, "max |g|": linf, "l2": l2}
+    bad = (nonfinite > 0) | ~np.isfinite(l2) | ~np.isfinite(linf) | ~np.isfinite(l1)
+    zero = ~bad & (linf == 0)
+
+    num_layers = len(names)
+    label_size = float(np.clip(11 - num_layers / 12, 5, 9))
+    longest = max(len(name) for name in names)
+    width = float(np.clip(2.5 + 0.42 * num_layers, 7, 32))
+    height = 4.0 + 0.0075 * label_size * min(longest, 60)  # room for the rotated names
+    fig, ax = _figure((width, height))
+    ax.set_yscale("log")
+    x = np.arange(num_layers)
+    bar_width = 0.8 / len(series)
+    colors = ("tab:blue", "tab:orange", "tab:green")
+    for k, ((label, values), color) in enumerate(zip(series.items(), colors)):
+        shown = np.where(np.isfinite(values) & (values > 0), values, np.nan)
+        ax.bar(x + (k - 1) * bar_width, shown, bar_width, label=label, color=color)
+    _set_log_limits(ax, np.concatenate(list(series.values())))
+
+    bottom_axis = ax.get_xaxis_transform()  # x in data, y in axes fraction
+    if bad.any():
+        for i in np.flatnonzero(bad):
+            ax.axvspan(i - 0.45, i + 0.45, facecolor="none", edgecolor=NONFINITE_COLOR, hatch="///", lw=0)
+        ax.scatter(x[bad], np.full(bad.sum(), 0.96), marker="x", s=60, color=NONFINITE_COLOR, zorder=5,
+                   transform=bottom_axis, clip_on=False, label=f"NaN/Inf ({_layers(bad.sum())})")
+    if zero.any():
+        ax.scatter(x[zero], np.full(zero.sum(), 0.03), marker="o", s=30, color="grey", zorder=5,
+                   transform=bottom_axis, clip_on=False, label=f"all zero ({_layers(zero.sum())})")
+
+    ax.set_xticks(x, names, rotation=60, ha="right", rotation_mode="anchor", fontsize=label_size)
+    for tick, is_bad in zip(ax.get_xticklabels(), bad):
+        if is_bad:
+            tick.set_color(NONFINITE_COLOR)
+    ax.set_xlim(-0.6, num_layers - 0.4)
+    ax.set_ylabel("|g| (log scale)")
+    ax.grid(axis="y", which="major", alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    bars_first = sorted(range(len(labels)), key=lambda k: labels[k] not in series)
+    ax.legend([handles[k] for k in bars_first], [labels[k] for k in bars_first], loc="upper left",
+              bbox_to_anchor=(1.01, 1), fontsize=9)
+    ax.set_title(f"Gradient flow: {_layers(num_layers)}, total l2 = {_format(total_l2)}")
+    return _finish(fig, path)
+
+
+def log2_heatmap(
+    records_or_stats: Sequence[StepRecord] | Sequence[TensorStats] | TensorStats,
+    layer: str,
+    kind: str = "grad",
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Heatmap of one layer's log2 histogram over steps: x = step, y = |value| exponent, colour = count (log).
+
+    ``records_or_stats``: StepRecords (their ``stats[kind]``, at ``record.step``; records without ``kind`` are
+    skipped) or TensorStats (at steps 0, 1, ...). ``layer``: a layer name, or "total" for the histogram of all
+    layers together (unless a layer has that name). Rows with no counts are trimmed; the lowest and highest
+    bins also count the values beyond them (see :mod:`fastgradstats.hist`); NaN/Inf and zeros are never
+    counted, and steps with NaN/Inf in the layer are marked with a red x. A dashed line shows fp16's smallest
+    subnormal. Raises ValueError when there are no statistics, the layer is missing at some step, or the
+    histogram is absent or not log2.
+
+    Example::
+
+        monitor = fgs.Monitor(model, hist="log2")
+        ...
+        plots.log2_heatmap(monitor.history, "fc1.weight", path="fc1.png")
+    """
+    steps, all_stats = _stats_over_steps(records_or_stats, kind, "log2_heatmap")
+    counts, nonfinite, exponents = [], [], None
+    for step, stats in zip(steps, all_stats):
+        if not isinstance(stats, TensorStats):
+            raise TypeError(f"log2_heatmap: stats[{kind!r}] at step {step} is a {type(stats).__name__}, "
+                            "which has no histogram")
+        hist, edges, layer_nonfinite = _layer_hist(stats, layer, step)
+        step_exponents = _log2_exponents(edges, layer, step)
+        if exponents is not None and not np.array_equal(step_exponents, exponents):
+            raise ValueError(f"log2_heatmap: the log2 bins of '{layer}' change at step {step}")
+        exponents = step_exponents
+        counts.append(hist)
+        nonfinite.append(layer_nonfinite)
+    counts = np.stack(counts, axis=1).astype(np.float64)  # [bins, steps]
+
+    used = np.flatnonzero(counts.sum(axis=1) > 0)
+    first, last = (used[0], used[-1]) if used.size else (0, len(exponents) - 1)
+    pad = max(1, (MIN_SHOWN_BINS - (last - first + 1) + 1) // 2)  # some context around a narrow histogram
+    first, last = max(first - pad, 0), min(last + pad, len(exponents) - 1)
+    y_edges = np.arange(exponents[first], exponents[last] + 2)
+    shown = np.ma.masked_equal(counts[first:last + 1], 0)
+
+    _require_matplotlib()
+    from matplotlib.colors import LogNorm
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    height = float(np.clip(2.5 + 0.16 * len(y_edges), 4, 10))
+    fig, ax = _figure((9, height))
+    norm = LogNorm(vmin=1, vmax=max(float(counts.max()), 2.0))
+    mesh = ax.pcolormesh(_step_edges(np.asarray(steps, dtype=np.float64)), y_edges, shown, norm=norm,
+                         cmap="viridis", shading="flat")
+    fig.colorbar(mesh, ax=ax, label="count (log scale)")
+    ax.set_facecolor("whitesmoke")
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=14, integer=True))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda e, _: f"$2^{{{int(e)}}}$"))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    clamped_bins = ((0, "also counts smaller |values|"), (len(exponents) - 1, "also counts larger |values|"))
+    for clamped_bin, note in clamped_bins:
+        if first <= clamped_bin <= last and counts[clamped_bin].any():
+            ax.text(0.99, exponents[clamped_bin] + 0.5, f"{note} ", transform=ax.get_yaxis_transform(),
+                    ha="right", va="center", fontsize=8, color="dimgrey")
+    if exponents[first] <= FP16_SMALLEST_EXP <= exponents[last]:
+        ax.axhline(FP16_SMALLEST_EXP, color="tab:red", ls="--", lw=1)
+        ax.text(0.01, FP16_SMALLEST_EXP, "fp16 smallest subnormal $2^{-24}$",
+                transform=ax.get_yaxis_transform(), ha="left", va="center", fontsize=8, color="tab:red",
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+    bad_steps = np.asarray(steps)[np.asarray(nonfinite) > 0]
+    if bad_steps.size:
+        ax.scatter(bad_steps, np.full(bad_steps.size, 1.0), marker="x", s=50, color=NONFINITE_COLOR,
+                   transform=ax.get_xaxis_transform(), clip_on=False, zorder=5)
+    if not used.size:
+        ax.text(0.5, 0.5, "no finite non-zero values", transform=ax.transAxes, ha="center", color="dimgrey")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"|{kind}| (log2 bin lower edge)")
+    title = f"log2 histogram of {kind} '{layer}' over {len(steps)} steps"
+    if bad_steps.size:
+        title += f"\nred x: {bad_steps.size} step(s) with NaN/Inf, which the histogram does not count"
+    ax.set_title(title)
+    return _finish(fig, path)
+
+
+def norms_over_time(
+    records: Sequence[StepRecord],
+    layers: Sequence[str] | str | None = None,
+    kind: str = "grad",
+    field: str = "l2",
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Lines of ``stats[kind].<field>`` over the recorded steps for some layers and the total (black, dashed).
+
+    ``layers``: names to plot; by default all of them, or the 8 with the largest last value when there
+    are more (a layer whose last value is NaN/Inf ranks first). Non-negative fields (l2, linf, l1, std, ...)
+    use a log axis and leave zeros out; signed fields (mean, min, ...) a linear one. Steps with NaN/Inf values
+    are marked with red x at the top of the axes. Records without ``kind`` are skipped.
+    Raises ValueError for no records, an unknown field or an unknown layer.
+
+    Example::
+
+        plots.norms_over_time(monitor.history, field="linf", path="linf.png")
+    """
+    steps, all_stats = _stats_over_steps(records, kind, "norms_over_time", records_only=True)
+    if field not in all_stats[0].FIELDS:
+        raise ValueError(f"norms_over_time: stats[{kind!r}] has no field {field!r}; "
+                         f"choose one of {all_stats[0].FIELDS}")
+    names = list(dict.fromkeys(name for stats in all_stats for name in stats.names))
+    values = np.full((len(steps), len(names)), np.nan)
+    present = np.zeros(values.shape, dtype=bool)
+    column = {name: j for j, name in enumerate(names)}
+    totals = np.empty(len(steps))
+    for t, stats in enumerate(all_stats):
+        columns = [column[name] for name in stats.names]
+        values[t, columns], present[t, columns] = _host(getattr(stats, field)), True
+        totals[t] = _host(getattr(_total(stats), field))[0]
+
+    if layers is None:
+        chosen = _largest_last(values, present, names, MAX_DEFAULT_LINES)
+    else:
+        chosen = [layers] if isinstance(layers, str) else list(layers)
+        unknown = [name for name in chosen if name not in column]
+        if unknown:
+            raise ValueError(f"norms_over_time: unknown layer(s) {unknown} in stats[{kind!r}]; "
+                             f"known: {_some(names)}")
+    log_axis = field in NONNEGATIVE_FIELDS
+
+    _require_matplotlib()
+    fig, ax = _figure((10, 5))
+    x = np.asarray(steps)
+    marker = "o" if len(steps) <= 30 else None
+    lines = [(name, values[:, column[name]], present[:, column[name]], {"marker": marker, "ms": 3, "lw": 1.3})
+             for name in chosen]
+    lines.append(("total", totals, np.ones(len(steps), dtype=bool),
+                  {"color": "black", "ls": "--", "lw": 2, "marker": marker, "ms": 3}))
+    if log_axis:
+        ax.set_yscale("log")
+    bad_steps = set()
+    for label, y, recorded, style in lines:
+        bad_steps.update(x[recorded & ~np.isfinite(y)].tolist())
+        shown = np.where(np.isfinite(y) & ((y > 0) | (not log_axis)), y, np.nan)
+        ax.plot(x, shown, label=label, **style)
+    if log_axis:
+        _set_log_limits(ax, np.concatenate([y for _, y, _, _ in lines]))
+    bad_x = np.array(sorted(bad_steps))
+    if bad_x.size:
+        ax.scatter(bad_x, np.full(bad_x.size, 0.97), marker="x", s=50, color=NONFINITE_COLOR, zorder=5,
+                   transform=ax.get_xaxis_transform(), clip_on=False, label="NaN/Inf")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{field}" + (" (log scale)" if log_axis else ""))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    shown = _layers(len(names)) if len(chosen) == len(names) else f"{len(chosen)} of {_layers(len(names))}"
+    ax.set_title(f"{kind} {field} over steps ({shown} and the total)")
+    return _finish(fig, path)
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        message = 'fastgradstats.plots needs matplotlib: pip install "fastgradstats[plots]"'
+        raise ImportError(message) from error
+
+
+def _figure(size: tuple[float, float]) -> tuple[Figure, Axes]:
+    """A Figure on its own Agg canvas (no pyplot), with constrained layout and one Axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def _host(t: torch.Tensor) -> np.ndarray:
+    """A statistic as a float64 numpy array of at least one dimension (0-d totals become [1])."""
+    return t.detach().cpu().to(torch.float64).reshape(-1).numpy()
+
+
+def _total(stats: LayerStats) -> LayerStats:
+    try:
+        return stats.total
+    except AttributeError:  # already a total
+        return stats
+
+
+def _set_log_limits(ax: Axes, values: np.ndarray) -> None:
+    """y limits of a log axis around the finite positive values, with room above for markers."""
+    positive = values[np.isfinite(values) & (values > 0)]
+    if positive.size == 0:
+        ax.set_ylim(1e-8, 1.0)
+        return
+    low, high = math.log10(positive.min()), math.log10(positive.max())
+    ax.set_ylim(10 ** (low - 0.5), 10 ** (high + max(0.6, 0.12 * (high - low))))
+
+
+def _format(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else str(value)
+
+
+def _stats_over_steps(
+    items, kind: str, caller: str, records_only: bool = False
+) -> tuple[list[int], list[LayerStats]]:
+    """(steps, stats) from StepRecords (``record.stats[kind]``) or TensorStats (steps 0, 1, ...)."""
+    if isinstance(items, (LayerStats, StepRecord)):
+        items = [items]
+    items = list(items)
+    if not items:
+        raise ValueError(f"{caller}: no records to plot (empty sequence)")
+    if all(isinstance(item, StepRecord) for item in items):
+        pairs = [(record.step, record.stats[kind]) for record in items if kind in record.stats]
+        if not pairs:
+            recorded = sorted({k for record in items for k in record.stats})
+            raise ValueError(f"{caller}: no record has stats[{kind!r}] (recorded kinds: {recorded})")
+        steps, stats = zip(*pairs)
+        return list(steps), list(stats)
+    if not records_only and all(isinstance(item, TensorStats) for item in items):
+        return list(range(len(items))), items
+    expected = "StepRecords" if records_only else "StepRecords or TensorStats"
+    found = sorted({type(item).__name__ for item in items})
+    raise TypeError(f"{caller}: expected a sequence of {expected}, got items of type {found}")
+
+
+def _layer_hist(stats: TensorStats, layer: str, step: int) -> tuple[np.ndarray, torch.Tensor, float]:
+    """Histogram counts, edges and NaN/Inf count of ``layer`` (or of the total, for "total") at one step."""
+    if stats.hist is None:
+        raise ValueError(f"log2_heatmap: the statistics at step {step} have no histogram "
+                         "(record with hist='log2')")
+    if layer in stats.names:
+        i = stats.names.index(layer)
+        edges = stats.hist_edges if stats.hist_edges.dim() == 1 else stats.hist_edges[i]
+        hist = stats.hist[i] if stats.hist.dim() == 2 else stats.hist
+        return _host(hist), edges, _host(stats.nonfinite)[i]
+    if layer == "total":
+        total = _total(stats)
+        return _host(total.hist), total.hist_edges, _host(total.nonfinite)[0]
+    raise ValueError(f"log2_heatmap: unknown layer {layer!r} at step {step}; known: {_some(stats.names)}")
+
+
+def _log2_exponents(edges: torch.Tensor, layer: str, step: int) -> np.ndarray:
+    """The integer exponents e of the bins [2^e, 2^(e+1)), or ValueError when the edges are not log2 bins."""
+    edges = _host(edges)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exponents = np.log2(edges)
+    is_log2 = (
+        np.all(np.isfinite(exponents)) and np.all(exponents == np.round(exponents))
+        and np.all(np.diff(exponents) == 1)
+    )
+    if not is_log2:
+        raise ValueError(f"log2_heatmap: the histogram of '{layer}' at step {step} is not a log2 histogram "
+                         f"(edges {_format(edges[0])} .. {_format(edges[-1])}); record with hist='log2'")
+    return exponents[:-1].astype(np.int64)
+
+
+def _step_edges(steps: np.ndarray) -> np.ndarray:
+    """Cell edges around each step: midpoints between steps, half a gap beyond the ends."""
+    if steps.size == 1:
+        return np.array([steps[0] - 0.5, steps[0] + 0.5])
+    middles = (steps[1:] + steps[:-1]) / 2
+    return np.concatenate([[2 * steps[0] - middles[0]], middles, [2 * steps[-1] - middles[-1]]])
+
+
+def _largest_last(values: np.ndarray, present: np.ndarray, names: list[str], count: int) -> list[str]:
+    """All names if there are at most ``count``, else the ``count`` with the largest last recorded value
+    (NaN/Inf ranks highest), in name order."""
+    if len(names) <= count:
+        return names
+    last = np.empty(len(names))
+    for j in range(len(names)):
+        value = values[np.flatnonzero(present[:, j])[-1], j]
+        last[j] = value if np.isfinite(value) else np.inf
+    top = set(np.argsort(-last, kind="stable")[:count].tolist())
+    return [name for j, name in enumerate(names) if j in top]
+
+
+def _layers(count: int) -> str:
+    return f"{int(count)} layer" + ("" if count == 1 else "s")
+
+
+def _some(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")

@@ -1,0 +1,204 @@
+"""Plots: each returns a Figure, saves a readable PNG, names bad inputs, copes with NaN and zero gradients."""
+
+import sys
+
+import pytest
+import torch
+
+import fastgradstats as fgs
+
+pytest.importorskip("matplotlib")
+import matplotlib.image
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from fastgradstats import plots
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+STEPS = 4
+
+
+def tiny_model(hidden=6, depth=2):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(3, hidden)]
+    for _ in range(depth - 1):
+        layers += [torch.nn.Tanh(), torch.nn.Linear(hidden, hidden)]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(hidden, 1))
+
+
+def run_monitor(model, steps=STEPS, hist="log2", poison=None):
+    """Train ``model`` for ``steps`` with a Monitor; ``poison(model)`` edits the last step's gradients."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = fgs.Monitor(model, hist=hist, track=("grad",))
+    for step in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(8, 3)).square().mean().backward()
+        if poison is not None and step == steps - 1:
+            poison(model)
+        monitor.step()
+        optimizer.step()
+    monitor.close()
+    return list(monitor.history)
+
+
+def nan_in_first_weight(model):
+    model[0].weight.grad[0, 0] = float("nan")
+
+
+def zero_last_bias(model):
+    model[-1].bias.grad.zero_()
+
+
+@pytest.fixture(scope="module")
+def records():
+    return run_monitor(tiny_model())
+
+
+def assert_png(path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def legend_labels(fig):
+    return [text.get_text() for ax in fig.axes if ax.get_legend() for text in ax.get_legend().get_texts()]
+
+
+def test_gradient_flow_returns_figure_and_saves_png(records, tmp_path):
+    fig = plots.gradient_flow(records[-1].stats["grad"], path=tmp_path / "flow.png")
+    assert isinstance(fig, Figure) and isinstance(fig.canvas, FigureCanvasAgg)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == records[-1].stats["grad"].names
+    assert fig.axes[0].get_yscale() == "log"
+    assert "total l2 = " in fig.axes[0].get_title()
+    assert_png(tmp_path / "flow.png")
+
+
+def test_log2_heatmap_returns_figure_and_saves_png(records, tmp_path):
+    fig = plots.log2_heatmap(records, "0.weight", path=tmp_path / "heat.png")
+    assert isinstance(fig, Figure)
+    assert "'0.weight'" in fig.axes[0].get_title()
+    assert_png(tmp_path / "heat.png")
+
+
+def test_norms_over_time_returns_figure_and_saves_png(records, tmp_path):
+    fig = plots.norms_over_time(records, path=tmp_path / "norms.png")
+    assert isinstance(fig, Figure)
+    assert legend_labels(fig) == [*records[0].stats["grad"].names, "total"]
+    assert fig.axes[0].get_yscale() == "log"
+    assert_png(tmp_path / "norms.png")
+
+
+def test_path_none_writes_nothing(records, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    plots.gradient_flow(records[0].stats["grad"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_log2_heatmap_has_one_column_per_step_and_counts_every_finite_nonzero(records):
+    fig = plots.log2_heatmap(records, "0.weight")
+    counts = fig.axes[0].collections[0].get_array()
+    assert counts.shape[1] == STEPS
+    assert counts.sum(axis=0).tolist() == [r.stats["grad"].numel[0].item() for r in records]
+
+
+def test_log2_heatmap_accepts_tensor_stats_and_the_total(records):
+    stats = [record.stats["grad"] for record in records]
+    assert isinstance(plots.log2_heatmap(stats, "total"), Figure)
+    assert isinstance(plots.log2_heatmap(stats[0], "3.bias"), Figure)
+
+
+def test_log2_heatmap_unknown_layer_raises_naming_it(records):
+    with pytest.raises(ValueError, match="unknown layer 'decoder.weight'"):
+        plots.log2_heatmap(records, "decoder.weight")
+
+
+def test_log2_heatmap_linear_histogram_raises():
+    records = run_monitor(tiny_model(), steps=2, hist="linear")
+    with pytest.raises(ValueError, match="not a log2 histogram"):
+        plots.log2_heatmap(records, "0.weight")
+
+
+def test_log2_heatmap_without_histogram_raises():
+    records = run_monitor(tiny_model(), steps=1, hist=None)
+    with pytest.raises(ValueError, match="no histogram"):
+        plots.log2_heatmap(records, "0.weight")
+
+
+def test_log2_heatmap_missing_kind_raises_naming_it(records):
+    with pytest.raises(ValueError, match=r"no record has stats\['param'\]"):
+        plots.log2_heatmap(records, "0.weight", kind="param")
+
+
+@pytest.mark.parametrize("plot", [lambda r: plots.log2_heatmap(r, "0.weight"), plots.norms_over_time])
+def test_empty_records_raise(plot):
+    with pytest.raises(ValueError, match="no records"):
+        plot([])
+
+
+def test_gradient_flow_without_layers_raises():
+    with pytest.raises(ValueError, match="no layers"):
+        plots.gradient_flow(fgs.tensor_stats([], []))
+
+
+def test_gradient_flow_rejects_a_step_record(records):
+    with pytest.raises(TypeError, match="expected TensorStats"):
+        plots.gradient_flow(records[0])
+
+
+def test_norms_over_time_unknown_layer_raises_naming_it(records):
+    with pytest.raises(ValueError, match=r"unknown layer\(s\) \['nope'\]"):
+        plots.norms_over_time(records, layers=["0.weight", "nope"])
+
+
+def test_norms_over_time_unknown_field_raises_naming_it(records):
+    with pytest.raises(ValueError, match="no field 'l3'"):
+        plots.norms_over_time(records, field="l3")
+
+
+def test_norms_over_time_chosen_layers_and_signed_field_use_a_linear_axis(records):
+    fig = plots.norms_over_time(records, layers="3.bias", field="mean")
+    assert legend_labels(fig) == ["3.bias", "total"]
+    assert fig.axes[0].get_yscale() == "linear"
+
+
+def test_norms_over_time_defaults_to_the_eight_largest_last_values():
+    records = run_monitor(tiny_model(depth=6), steps=2)
+    stats = records[-1].stats["grad"]
+    assert len(stats) > 8
+    largest = set(stats.l2.argsort(descending=True)[:8].tolist())
+    expected = [name for i, name in enumerate(stats.names) if i in largest]
+    assert legend_labels(plots.norms_over_time(records)) == [*expected, "total"]
+
+
+def test_nan_gradient_still_plots_and_is_marked(tmp_path):
+    records = run_monitor(tiny_model(), poison=nan_in_first_weight)
+    stats = records[-1].stats["grad"]
+    assert stats.nonfinite[0].item() == 1
+    flow = plots.gradient_flow(stats, path=tmp_path / "flow.png")
+    assert "NaN/Inf (1 layer)" in legend_labels(flow)
+    assert flow.axes[0].get_xticklabels()[0].get_color() == plots.NONFINITE_COLOR
+    heat = plots.log2_heatmap(records, "0.weight", path=tmp_path / "heat.png")
+    assert "NaN/Inf" in heat.axes[0].get_title()
+    norms = plots.norms_over_time(records, path=tmp_path / "norms.png")
+    assert "NaN/Inf" in legend_labels(norms)
+    for name in ("flow", "heat", "norms"):
+        assert_png(tmp_path / f"{name}.png")
+
+
+def test_nan_layer_is_among_the_default_lines():
+    records = run_monitor(tiny_model(depth=6), steps=2, poison=nan_in_first_weight)
+    assert "0.weight" in legend_labels(plots.norms_over_time(records))
+
+
+def test_all_zero_gradient_layer_still_plots(tmp_path):
+    records = run_monitor(tiny_model(), poison=zero_last_bias)
+    flow = plots.gradient_flow(records[-1].stats["grad"], path=tmp_path / "flow.png")
+    assert "all zero (1 layer)" in legend_labels(flow)
+    plots.log2_heatmap(records, "3.bias")
+    assert_png(tmp_path / "flow.png")
+
+
+def test_missing_matplotlib_raises_install_hint(records, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r'pip install "fastgradstats\[plots\]"'):
+        plots.gradient_flow(records[0].stats["grad"])
