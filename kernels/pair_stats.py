@@ -13,6 +13,7 @@ import triton.language as tl
 
 from fastgradstats.rows import PAIR_K
 
+from .chunking import chunk_span, edge_block
 from .merge import merge_chunk_rows
 from .segments import segment_table
 from .tensor_stats import DEFAULT_BLOCK_SIZE, DEFAULT_CHUNK_SIZE, NUM_WARPS, TL_DTYPES, check_sizes
@@ -70,10 +71,7 @@ def _pair_chunk_kernel(
         o_base = tl.load(entry + 6).to(tl.pointer_type(O_DTYPE))
         o_shift = tl.load(entry + 7) - head
 
-    lo_idx = tl.maximum(chunk_start, head)
-    hi_idx = tl.minimum(chunk_start + CHUNK, head + numel)
-    first_full = (lo_idx + BLOCK - 1) // BLOCK
-    last_full = hi_idx // BLOCK
+    lo_idx, hi_idx, first_full, last_full = chunk_span(chunk_start, head, numel, CHUNK, BLOCK)
 
     dot = tl.zeros([BLOCK], tl.float32)
     aa = tl.zeros([BLOCK], tl.float32)
@@ -85,12 +83,7 @@ def _pair_chunk_kernel(
             a_base, b_base, o_base, b_shift, o_shift, block * BLOCK + lanes, None, dot, aa, bb, dd,
             HAS_ORIGIN, ALIGNED, True, BLOCK)
     for edge in tl.static_range(2):  # the partial blocks at either end of the chunk
-        if edge == 0:
-            offs = (lo_idx // BLOCK) * BLOCK + lanes
-            mask = (offs >= lo_idx) & (offs < tl.minimum(hi_idx, first_full * BLOCK))
-        else:
-            offs = last_full * BLOCK + lanes
-            mask = (offs >= tl.maximum(first_full, last_full) * BLOCK) & (offs < hi_idx)
+        offs, mask = edge_block(edge, lo_idx, hi_idx, first_full, last_full, lanes, BLOCK)
         dot, aa, bb, dd = _accumulate(
             a_base, b_base, o_base, b_shift, o_shift, offs, mask, dot, aa, bb, dd,
             HAS_ORIGIN, ALIGNED, False, BLOCK)

@@ -24,6 +24,7 @@ import triton.language as tl
 from fastgradstats.hist import HistSpec, linear_ranges
 from fastgradstats.rows import FIRST_MAX, K, RawStats
 
+from .chunking import chunk_span, edge_block
 from .merge import merge_chunk_rows
 from .segments import segment_table
 
@@ -96,10 +97,7 @@ def _chunk_kernel(
     numel = tl.load(tensor_table + 4 * tensor + 2)
     out_row = tl.load(tensor_table + 4 * tensor + 3)
 
-    lo_idx = tl.maximum(chunk_start, head)
-    hi_idx = tl.minimum(chunk_start + CHUNK, head + numel)
-    first_full = (lo_idx + BLOCK - 1) // BLOCK
-    last_full = hi_idx // BLOCK
+    lo_idx, hi_idx, first_full, last_full = chunk_span(chunk_start, head, numel, CHUNK, BLOCK)
 
     lo = 0.0
     hi = 1.0
@@ -143,12 +141,7 @@ def _chunk_kernel(
     # The partial blocks at either end of the chunk (empty when lo_idx / hi_idx are block-aligned).
     count = tl.zeros([BLOCK], tl.float32) + tl.maximum(last_full - first_full, 0).to(tl.float32)
     for edge in tl.static_range(2):
-        if edge == 0:
-            offs = (lo_idx // BLOCK) * BLOCK + lanes
-            valid = (offs >= lo_idx) & (offs < tl.minimum(hi_idx, first_full * BLOCK))
-        else:
-            offs = last_full * BLOCK + lanes
-            valid = (offs >= tl.maximum(first_full, last_full) * BLOCK) & (offs < hi_idx)
+        offs, valid = edge_block(edge, lo_idx, hi_idx, first_full, last_full, lanes, BLOCK)
         x = tl.load(base + offs, mask=valid, other=0.0).to(tl.float32)
         count += valid.to(tl.float32)
         inv_count = 1.0 / tl.maximum(count, 1.0)
