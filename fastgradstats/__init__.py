@@ -12,6 +12,7 @@ from .clip import clip_grad_norm_
 from .monitor import Monitor, StepRecord
 from .pairs import cosine_similarity, pair_stats
 from .results import PairStats, TensorStats
+from .trajectory import TrajectoryMap, trajectory_map
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "PairStats",
     "StepRecord",
     "TensorStats",
+    "TrajectoryMap",
     "clip_grad_norm_",
     "cosine_similarity",
     "grad_stats",
@@ -30,4 +32,5 @@ __all__ = [
     "plots",
     "sinks",
     "tensor_stats",
+    "trajectory_map",
 ]

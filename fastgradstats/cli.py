@@ -3,21 +3,27 @@
     fastgradstats demo [--steps 300] [--every 10] [--out fastgradstats-demo] [--seed 0] [--backend torch|triton]
     fastgradstats bench [--workload NAME ...] [--family NAME ...] [--repeats N] [--device cpu|cuda]
                         [--backend torch|triton] [--results PATH] [--no-save]
+    fastgradstats trajectory CKPT... [--center 0|PATH] [--per-layer] [--exclude REGEX ...] [--device cpu|cuda]
+                             --out DIR
 
 ``demo`` trains a tiny transformer on the CPU with a Monitor attached and writes a report folder (statistics
 as JSON lines, plots, a TensorBoard log); see :mod:`fastgradstats.demo`. ``bench`` times the statistics against
 the usual PyTorch baselines on model-shaped random tensors and appends the rows to a JSON-lines results file;
-see :mod:`fastgradstats.bench`.
+see :mod:`fastgradstats.bench`. ``trajectory`` maps a checkpoint series (cosines, MDS, cone angle, path
+length) into ``DIR/trajectory.json`` and ``DIR/trajectory.png``; see :mod:`fastgradstats.trajectory`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 
 from fastgradstats import bench, demo
 from fastgradstats.dispatch import resolve_backend
+from fastgradstats.trajectory import trajectory_map
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,9 +53,26 @@ def main(argv: list[str] | None = None) -> int:
     bench_parser.add_argument("--results", default=str(bench.DEFAULT_RESULTS),
                               help=f"JSON-lines file to append the rows to (default {bench.DEFAULT_RESULTS})")
     bench_parser.add_argument("--no-save", action="store_true", help="print the table only")
+    trajectory_parser = commands.add_parser("trajectory", help="cosine map, MDS, cone angle and path length "
+                                                               "of a series of checkpoints")
+    trajectory_parser.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                                   help=".safetensors, .pt or .bin state_dicts, in training order")
+    trajectory_parser.add_argument("--center", default=None,
+                                   help="measure directions from this checkpoint: an index into CKPT "
+                                        "(0 = from initialisation) or another file (default: raw parameters)")
+    trajectory_parser.add_argument("--per-layer", action="store_true",
+                                   help="also one map per tensor (in trajectory.json and, with their Gram "
+                                        "matrices, in trajectory_layers.json)")
+    trajectory_parser.add_argument("--exclude", action="append", metavar="REGEX",
+                                   help="drop tensors whose name matches, repeatable (e.g. running_)")
+    trajectory_parser.add_argument("--device", default=None, help="where to compute the Gram (default cpu)")
+    trajectory_parser.add_argument("--out", required=True,
+                                   help="folder for trajectory.json and trajectory.png")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return run_bench(bench_parser, args)
+    if args.command == "trajectory":
+        return run_trajectory(trajectory_parser, args)
     if args.steps < 1 or args.every < 1:
         demo_parser.error("--steps and --every must be >= 1")
     try:
@@ -76,6 +99,35 @@ def run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(str(error))
     bench.run(args.workload, args.family, repeats=args.repeats, device=device, backend=args.backend,
               results=None if args.no_save else args.results)
+    return 0
+
+
+def run_trajectory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run :func:`fastgradstats.trajectory_map`, write the JSON and the heatmap, print a summary."""
+    if len(args.checkpoints) < 2:
+        parser.error("needs at least 2 checkpoints")
+    center = args.center
+    if center is not None and center.lstrip("-").isdigit():
+        center = int(center)
+    try:
+        tmap = trajectory_map(args.checkpoints, center=center, per_layer=args.per_layer, exclude=args.exclude,
+                              device=args.device)
+    except (ValueError, IndexError, FileNotFoundError, TypeError) as error:
+        parser.error(str(error))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trajectory.json").write_text(tmap.to_json())
+    tmap.plot(out / "trajectory.png")
+    written = ["trajectory.json", "trajectory.png"]
+    if tmap.layers is not None:
+        layers = {key: layer.to_dict() for key, layer in tmap.layers.items()}
+        (out / "trajectory_layers.json").write_text(json.dumps(layers, allow_nan=False))
+        written.append("trajectory_layers.json")
+    print(f"{len(tmap.names)} checkpoints, {len(tmap.keys)} tensors, {tmap.numel:,} elements")
+    print(f"MDS (off-diagonal mean cosine): {tmap.mds:.4f}   (with the diagonal: {tmap.mds_all:.4f})")
+    print(f"cone angle: {tmap.cone_angle:.2f} degrees")
+    print(f"path length: {tmap.path_length:.6g}")
+    print(f"wrote {', '.join(str(out / name) for name in written)}")
     return 0
 
 
