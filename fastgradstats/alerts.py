@@ -59,7 +59,8 @@ class AlertFlags:
             for i in flags[k].nonzero().flatten().tolist():
                 name = self.names[i]
                 if kind == "nonfinite":
-                    value, text = nonfinite[i], f"{int(nonfinite[i])} NaN/Inf values in the gradient of '{name}'"
+                    value = nonfinite[i]
+                    text = f"{int(nonfinite[i])} NaN/Inf values in the gradient of '{name}'"
                 elif kind == "dead":
                     value, text = 0.0, f"the gradient of '{name}' is all zeros"
                 else:
@@ -93,7 +94,8 @@ class AlertTracker:
             "exploding": warm & usable & (l2 > config.exploding_ratio * self.running_mean),
         }
         flags["vanishing"] &= ~flags["dead"]
-        result = AlertFlags(step, list(stats.names), flags, stats.l2, self.running_mean.clone(), stats.nonfinite)
+        result = AlertFlags(step, list(stats.names), flags, stats.l2, self.running_mean.clone(),
+                            stats.nonfinite)
         first = self.running_mean.isnan()
         blended = config.ema_decay * self.running_mean + (1 - config.ema_decay) * l2
         self.running_mean = torch.where(usable, torch.where(first, l2, blended), self.running_mean)
@@ -101,7 +103,8 @@ class AlertTracker:
         return result
 
     def _align(self, names: list[str], device: torch.device) -> None:
-        """Carry the state of layers that were seen before over to the order of ``names`` (host-side indices)."""
+        """Carry the state of layers that were seen before over to the order of ``names``
+        (host-side indices)."""
         if names == self.names and self.running_mean is not None:
             return
         mean = torch.full((len(names),), float("nan"), dtype=torch.float64, device=device)

@@ -32,12 +32,13 @@ def tensor_stats(
     """Per-layer statistics of a list of tensors, in one pass over the data and without a host sync.
 
     Args:
-        tensors: L tensors of any shape, dtype float32/bfloat16/float16/float64, all on one device. Each is one
-            layer; empty tensors are allowed. Dense non-contiguous tensors (e.g. transposed weights) are read
-            in place; tensors with gaps or overlaps (strided slices, expand) are copied first.
+        tensors: L tensors of any shape, dtype float32/bfloat16/float16/float64, all on one device. Each is
+            one layer; empty tensors are allowed. Dense non-contiguous tensors (e.g. transposed weights) are
+            read in place; tensors with gaps or overlaps (strided slices, expand) are copied first.
         names: L unique layer names; default "0", "1", ...
         hist: None, "log2" (bins floor(log2|x|) clamped to [min_exp, max_exp], from the exponent bits) or
-            "linear" (``bins`` equal-width bins over ``range`` or each layer's finite [min, max], torch.histc rules).
+            "linear" (``bins`` equal-width bins over ``range`` or each layer's finite [min, max], torch.histc
+            rules).
         backend: None (auto), "torch" or "triton"; see :mod:`fastgradstats.dispatch`.
         group: for plain tensors sharded by hand across the ranks of this process group: each rank passes its
             shards and gets the statistics of the whole tensors. DTensors (FSDP2, tensor parallel) need no
@@ -73,7 +74,8 @@ def grad_stats(model_or_named_parameters: torch.nn.Module | NamedTensors, **kwar
 
 
 def param_stats(model_or_named_parameters: torch.nn.Module | NamedTensors, **kwargs) -> TensorStats:
-    """``tensor_stats`` of the parameter values (every named parameter). Keyword arguments as in ``tensor_stats``."""
+    """``tensor_stats`` of the parameter values (every named parameter). Keyword arguments as in
+    ``tensor_stats``."""
     named = _named_parameters(model_or_named_parameters, "param_stats")
     return tensor_stats([p.detach() for _, p in named], [name for name, _ in named], **kwargs)
 
@@ -82,11 +84,13 @@ def _named_parameters(obj: torch.nn.Module | NamedTensors, caller: str) -> list[
     if isinstance(obj, torch.nn.Module):
         return list(obj.named_parameters())
     if isinstance(obj, torch.Tensor) or not isinstance(obj, Iterable):
-        raise TypeError(f"{caller}: expected an nn.Module or (name, parameter) pairs, got {type(obj).__name__}")
+        raise TypeError(f"{caller}: expected an nn.Module or (name, parameter) pairs, "
+                        f"got {type(obj).__name__}")
     named = list(obj)
     for item in named:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-            raise TypeError(f"{caller}: expected (name, parameter) pairs, got an item of type {type(item).__name__}")
+            raise TypeError(f"{caller}: expected (name, parameter) pairs, "
+                            f"got an item of type {type(item).__name__}")
     return named
 
 
@@ -114,12 +118,14 @@ def _validate(
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{caller}: layer '{name}' is a {type(t).__name__}, not a torch.Tensor")
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{caller}: layer '{name}' has dtype {t.dtype}; supported: float32, bfloat16, float16, float64")
+            raise TypeError(f"{caller}: layer '{name}' has dtype {t.dtype}; "
+                            "supported: float32, bfloat16, float16, float64")
         if t.layout != torch.strided:
-            raise TypeError(f"{caller}: layer '{name}' has layout {t.layout}; only dense (strided) tensors are supported")
+            raise TypeError(f"{caller}: layer '{name}' has layout {t.layout}; "
+                            "only dense (strided) tensors are supported")
         if t.device != tensors[0].device:
             raise ValueError(
-                f"{caller}: layer '{name}' is on {t.device} but layer '{names[0]}' is on {tensors[0].device}; "
-                "one call takes tensors on one device"
+                f"{caller}: layer '{name}' is on {t.device} but layer '{names[0]}' is on "
+                f"{tensors[0].device}; one call takes tensors on one device"
             )
     return tensors, names

@@ -1,5 +1,5 @@
-"""Reading checkpoints tensor by tensor and chunk by chunk: state_dicts, ``.safetensors`` (sliced, so one chunk
-of a tensor is in memory at a time) and ``.pt`` / ``.bin`` files (memory-mapped ``torch.load``)."""
+"""Reading checkpoints tensor by tensor and chunk by chunk: state_dicts, ``.safetensors`` (sliced, so one
+chunk of a tensor is in memory at a time) and ``.pt`` / ``.bin`` files (memory-mapped ``torch.load``)."""
 
 from __future__ import annotations
 

@@ -1,16 +1,18 @@
 """The ``fastgradstats`` command.
 
-    fastgradstats demo [--steps 300] [--every 10] [--out fastgradstats-demo] [--seed 0] [--backend torch|triton]
+    fastgradstats demo [--steps 300] [--every 10] [--out fastgradstats-demo] [--seed 0]
+                       [--backend torch|triton]
     fastgradstats bench [--workload NAME ...] [--family NAME ...] [--repeats N] [--device cpu|cuda]
                         [--backend torch|triton] [--results PATH] [--no-save]
     fastgradstats trajectory CKPT... [--center 0|PATH] [--per-layer] [--exclude REGEX ...] [--device cpu|cuda]
                              --out DIR
 
 ``demo`` trains a tiny transformer on the CPU with a Monitor attached and writes a report folder (statistics
-as JSON lines, plots, a TensorBoard log); see :mod:`fastgradstats.demo`. ``bench`` times the statistics against
-the usual PyTorch baselines on model-shaped random tensors and appends the rows to a JSON-lines results file;
-see :mod:`fastgradstats.bench`. ``trajectory`` maps a checkpoint series (cosines, MDS, cone angle, path
-length) into ``DIR/trajectory.json`` and ``DIR/trajectory.png``; see :mod:`fastgradstats.trajectory`.
+as JSON lines, plots, a TensorBoard log); see :mod:`fastgradstats.demo`. ``bench`` times the statistics
+against the usual PyTorch baselines on model-shaped random tensors and appends the rows to a JSON-lines
+results file; see :mod:`fastgradstats.bench`. ``trajectory`` maps a checkpoint series (cosines, MDS, cone
+angle, path length) into ``DIR/trajectory.json`` and ``DIR/trajectory.png``; see
+:mod:`fastgradstats.trajectory`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastgradstats`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="fastgradstats", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="train a tiny model on CPU with a Monitor and write a report")
+    demo_parser = commands.add_parser("demo",
+                                      help="train a tiny model on CPU with a Monitor and write a report")
     demo_parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     demo_parser.add_argument("--every", type=int, default=10, help="track every N-th step (default 10)")
     demo_parser.add_argument("--out", default="fastgradstats-demo",

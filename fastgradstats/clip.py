@@ -1,4 +1,5 @@
-"""clip_grad_norm_: torch's gradient clipping, with the norm (and per-layer statistics) from one fused pass."""
+"""clip_grad_norm_: torch's gradient clipping, with the norm (and per-layer statistics) from one fused
+pass."""
 
 from __future__ import annotations
 
@@ -62,9 +63,9 @@ def clip_grad_norm_(
 
     if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
         raise RuntimeError(
-            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
-            "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
-            "`error_if_nonfinite=False`"
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+            "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
+            "set `error_if_nonfinite=False`"
         )
     if any(is_dtensor(g) for g in grads):  # scale the local shards: the total norm is already global
         clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)

@@ -57,7 +57,8 @@ def run(steps: int = 300, every: int = 10, out: str | Path = "fastgradstats-demo
         loss = next_token_loss(model, tokens)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        monitor.step()  # the gradients as the loss made them (monitor.attach(optimizer) would see them clipped)
+        # the gradients as the loss made them (monitor.attach(optimizer) would see them clipped)
+        monitor.step()
         fgs.clip_grad_norm_(model.parameters(), MAX_NORM)
         optimizer.step()
         progress.update(loss.item())
@@ -75,7 +76,8 @@ def build_model() -> tuple[torch.nn.Module, str]:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         mlp = torch.nn.Sequential(
-            torch.nn.Embedding(VOCAB, 64), torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, VOCAB)
+            torch.nn.Embedding(VOCAB, 64), torch.nn.Linear(64, 256), torch.nn.GELU(),
+            torch.nn.Linear(256, VOCAB),
         )
         return mlp, "MLP (transformers is not installed)"
     config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4,
@@ -102,7 +104,8 @@ def summary(monitor: fgs.Monitor, elapsed: float, notes: list[str]) -> str:
                      + ", ".join(f"{last.names[i]} {l2[i]:.3g}" for i in order[:3]))
         lines.append("smallest: " + ", ".join(f"{last.names[i]} {l2[i]:.3g}" for i in order[-3:]))
         lines.append(f"global gradient norm {last.total.l2.item():.3g}, update/weight ratio (median over "
-                     f"layers) {records[-1].update_ratio.median().item():.3g}" if "update" in records[-1].stats
+                     f"layers) {records[-1].update_ratio.median().item():.3g}"
+                     if "update" in records[-1].stats
                      else f"global gradient norm {last.total.l2.item():.3g}")
     alerts = [alert for record in monitor.history for alert in record.alerts]
     counts = collections.Counter(alert.kind for alert in alerts)

@@ -33,7 +33,8 @@ def triton_available() -> bool:
 
 
 def resolve_backend(backend: str | None, device: torch.device | None) -> str:
-    """The backend that will run for tensors on ``device`` (None: no tensors, so "torch" once the name is valid).
+    """The backend that will run for tensors on ``device`` (None: no tensors, so "torch" once the name is
+    valid).
 
     Raises ValueError for an unknown or unusable choice.
     """
@@ -54,7 +55,8 @@ def resolve_backend(backend: str | None, device: torch.device | None) -> str:
 
 @torch.no_grad()
 def raw_stats(
-    tensors: Sequence[torch.Tensor], spec: HistSpec | None, backend: str | None, reducer: Reducer | None = None
+    tensors: Sequence[torch.Tensor], spec: HistSpec | None, backend: str | None,
+    reducer: Reducer | None = None,
 ) -> RawStats:
     """Raw rows of validated tensors (one device, floating dtypes) from the chosen backend.
 

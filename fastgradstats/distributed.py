@@ -2,9 +2,9 @@
 
 Every statistic derives from raw rows whose fields merge by a sum or a max (:mod:`fastgradstats.rows`), so the
 statistics of a tensor sharded across ranks are those of the merged rows of its shards: per call, one packed
-``all_reduce(MAX)`` of the max fields and one packed ``all_reduce(SUM)`` of the sum fields and histogram counts,
-whatever the number of layers, and never a gather of data. A linear histogram over data ranges takes its ranges
-after the MAX, so the bins are the same on every rank. Results are identical on every rank.
+``all_reduce(MAX)`` of the max fields and one packed ``all_reduce(SUM)`` of the sum fields and histogram
+counts, whatever the number of layers, and never a gather of data. A linear histogram over data ranges takes
+its ranges after the MAX, so the bins are the same on every rank. Results are identical on every rank.
 
 Inputs:
 
@@ -52,7 +52,8 @@ class Reducer:
         rows[:, first_max:] = maxima
 
     def merge_sums(self, raw: RawStats, first_max: int = FIRST_MAX) -> None:
-        """One all_reduce(SUM) of the sum fields of raw.rows and of the histogram counts (exact in float64)."""
+        """One all_reduce(SUM) of the sum fields of raw.rows and of the histogram counts (exact in
+        float64)."""
         parts = [raw.rows[:, :first_max]] + [h for h in (raw.hist, raw.total_hist) if h is not None]
         packed = torch.cat([p.reshape(-1).to(torch.float64) for p in parts])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=self.group)
@@ -81,7 +82,8 @@ def localize(
         raise ValueError(f"{caller}: group= is for plain tensors; DTensors bring their device mesh")
     if not all(dtensors):
         plain = names[dtensors.index(False)]
-        raise ValueError(f"{caller}: layer '{plain}' is a plain tensor among DTensors; pass all or none as DTensors")
+        raise ValueError(f"{caller}: layer '{plain}' is a plain tensor among DTensors; "
+                         "pass all or none as DTensors")
     mesh = tensors[0].device_mesh
     for name, t in zip(names, tensors):
         if t.device_mesh != mesh:

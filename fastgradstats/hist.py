@@ -23,14 +23,16 @@ from .rows import finite_range, merge_rows
 # either end are counted in the end bins) and shows what would underflow in fp16 (2^-24) or fp8 (2^-9, 2^-16).
 DEFAULT_MIN_EXP = -48
 DEFAULT_MAX_EXP = 15
-# float32's normal exponents: subnormals all go to the first bin, so the bins stay exact from the exponent bits.
+# float32's normal exponents: subnormals all go to the first bin, so the bins stay exact from the exponent
+# bits.
 LOWEST_MIN_EXP = -126
 HIGHEST_MAX_EXP = 127
 
 
 @dataclass(frozen=True)
 class HistSpec:
-    """A validated histogram request. ``kind`` is "log2" or "linear"; ``range`` is None for per-layer ranges."""
+    """A validated histogram request. ``kind`` is "log2" or "linear"; ``range`` is None for per-layer
+    ranges."""
 
     kind: str
     bins: int
@@ -56,8 +58,8 @@ class HistSpec:
                 raise ValueError(f"min_exp ({min_exp}) must be <= max_exp ({max_exp})")
             if min_exp < LOWEST_MIN_EXP or max_exp > HIGHEST_MAX_EXP:
                 raise ValueError(
-                    f"log2 exponents must lie in [{LOWEST_MIN_EXP}, {HIGHEST_MAX_EXP}] (float32's normal range), "
-                    f"got min_exp={min_exp}, max_exp={max_exp}"
+                    f"log2 exponents must lie in [{LOWEST_MIN_EXP}, {HIGHEST_MAX_EXP}] "
+                    f"(float32's normal range), got min_exp={min_exp}, max_exp={max_exp}"
                 )
             return HistSpec("log2", max_exp - min_exp + 1, None, min_exp, max_exp)
         if hist == "linear":

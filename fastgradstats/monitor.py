@@ -9,8 +9,8 @@ What ``track`` can hold, and the memory each choice keeps (besides the statistic
 
 * ``"grad"``: gradient statistics of the parameters that have a ``.grad`` (TensorStats). No copy.
 * ``"param"``: statistics of the parameter values (TensorStats). No copy.
-* ``"update"``: per layer ‖Δθ‖ and ‖Δθ‖/‖θ‖ of the optimizer step before a tracked step (PairStats of θ against
-  θ one step earlier). Keeps a copy of the parameters from the step before each tracked step.
+* ``"update"``: per layer ‖Δθ‖ and ‖Δθ‖/‖θ‖ of the optimizer step before a tracked step (PairStats of θ
+  against θ one step earlier). Keeps a copy of the parameters from the step before each tracked step.
 * ``"grad_cos"``: cosine (and distance) between this step's gradient and the last tracked one (PairStats).
   Keeps a copy of the gradients between tracked steps.
 * ``"init"``: distance and cosine of the weights from those at the first step (PairStats). Keeps a copy of

@@ -1,4 +1,5 @@
-"""Pairwise statistics between two parameter or gradient sets: per-layer and global dot, norms, cosine, distance."""
+"""Pairwise statistics between two parameter or gradient sets: per-layer and global dot, norms, cosine,
+distance."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def pair_stats(
     backend: str | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> PairStats:
-    """Per-layer and global dot, norms, cosine and distance between two tensor sets, reading each element once.
+    """Per-layer and global dot, norms, cosine and distance between two tensor sets, reading each element
+    once.
 
     Args:
         a, b: equally long sequences of tensors with matching shapes (dtypes may differ between the lists), or
@@ -90,8 +92,8 @@ def cosine_similarity(
 ) -> torch.Tensor:
     """The global cosine of a and b (optionally measured from origin), as if each set were one flat vector.
 
-    A 0-d float32 tensor on the input device, equal to ``F.cosine_similarity(cat(a'), cat(b'), dim=0)`` without
-    the concatenation. Example: ``fgs.cosine_similarity(model_now, model_init)``.
+    A 0-d float32 tensor on the input device, equal to ``F.cosine_similarity(cat(a'), cat(b'), dim=0)``
+    without the concatenation. Example: ``fgs.cosine_similarity(model_now, model_init)``.
     """
     return pair_stats(a, b, origin=origin, strict=strict, backend=backend, group=group).total.cos
 
@@ -101,7 +103,8 @@ def _named(tensors: TensorSet) -> dict[str, torch.Tensor] | None:
     if isinstance(tensors, torch.nn.Module):
         return {name: p.detach() for name, p in tensors.named_parameters()}
     if isinstance(tensors, Mapping):
-        return {name: t for name, t in tensors.items() if not isinstance(t, torch.Tensor) or t.is_floating_point()}
+        return {name: t for name, t in tensors.items()
+                if not isinstance(t, torch.Tensor) or t.is_floating_point()}
     return None
 
 
@@ -136,12 +139,14 @@ def _match(a, b, origin, names, strict):
         raise TypeError("pair_stats: origin must be a model/state_dict when a and b are")
     only_a = [n for n in named_a if n not in named_b]
     only_b = [n for n in named_b if n not in named_a]
-    not_in_origin = [] if named_origin is None else [n for n in named_a if n in named_b and n not in named_origin]
+    not_in_origin = [] if named_origin is None else [n for n in named_a
+                                                     if n in named_b and n not in named_origin]
     if strict and (only_a or only_b or not_in_origin):
         problems = [f"{label}: {', '.join(repr(n) for n in found[:5])}{' ...' if len(found) > 5 else ''}"
                     for label, found in (("only in a", only_a), ("only in b", only_b),
                                          ("missing from origin", not_in_origin)) if found]
-        raise ValueError(f"pair_stats: layer names differ ({'; '.join(problems)}); pass strict=False to skip them")
+        raise ValueError(f"pair_stats: layer names differ ({'; '.join(problems)}); "
+                         "pass strict=False to skip them")
     names = [n for n in named_a if n in named_b and (named_origin is None or n in named_origin)]
     origin_list = None if named_origin is None else [named_origin[n] for n in names]
     return names, [named_a[n] for n in names], [named_b[n] for n in names], origin_list
@@ -150,7 +155,8 @@ def _match(a, b, origin, names, strict):
 def _check_layer(name: str, a: torch.Tensor, other: torch.Tensor, label: str) -> None:
     for tensor, argument in ((a, "a"), (other, label)):
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"pair_stats: layer '{name}' in {argument} is a {type(tensor).__name__}, not a tensor")
+            raise TypeError(f"pair_stats: layer '{name}' in {argument} is a {type(tensor).__name__}, "
+                            "not a tensor")
         if tensor.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"pair_stats: layer '{name}' in {argument} has dtype {tensor.dtype}; "
                             "supported: float32, bfloat16, float16, float64")

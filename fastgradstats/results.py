@@ -159,7 +159,8 @@ class TensorStats(LayerStats):
 
 
 class PairStats(LayerStats):
-    """Statistics of L layer pairs (a, b), measured from an origin o when one is given: a' = a - o, b' = b - o.
+    """Statistics of L layer pairs (a, b), measured from an origin o when one is given: a' = a - o,
+    b' = b - o.
 
     Fields, tensors of shape [L] on the input device (0-d for ``total``): numel (int64), dot (Σa'b'), a_l2,
     b_l2 (norms of a', b'), cos (dot / (max(a_l2, 1e-8) · max(b_l2, 1e-8)), as F.cosine_similarity), dist

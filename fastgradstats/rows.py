@@ -126,7 +126,8 @@ def finite_range(rows: torch.Tensor) -> torch.Tensor:
 
 
 def derive_pair(rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Derive pair statistics from pair rows [..., PAIR_K]; every result has shape [...] (float32, numel int64).
+    """Derive pair statistics from pair rows [..., PAIR_K]; every result has shape [...] (float32, numel
+    int64).
 
     cos = dot / (max(|a'|, eps) · max(|b'|, eps)), which is ``torch.nn.functional.cosine_similarity`` of the
     flattened a', b' (0 for a zero vector).

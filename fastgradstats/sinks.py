@@ -100,14 +100,17 @@ class TensorBoard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:
-                raise ImportError(f"TensorBoard sink needs the tensorboard package: {INSTALL_HINT}") from error
+                raise ImportError(
+                    f"TensorBoard sink needs the tensorboard package: {INSTALL_HINT}"
+                ) from error
             self.writer = SummaryWriter(log_dir=os.fspath(log_dir_or_writer))
             self.owns_writer = True
         else:
             needed = ("add_scalar", "add_histogram_raw", "flush")
             if not all(callable(getattr(log_dir_or_writer, name, None)) for name in needed):
                 raise TypeError(
-                    f"TensorBoard sink: expected a log directory or a SummaryWriter, got {log_dir_or_writer!r}"
+                    "TensorBoard sink: expected a log directory or a SummaryWriter, "
+                    f"got {log_dir_or_writer!r}"
                 )
             self.writer = log_dir_or_writer
             self.owns_writer = False

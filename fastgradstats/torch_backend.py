@@ -23,7 +23,8 @@ CENTER_SAMPLE = 4096  # elements whose mean centres a chunk's sums
 
 
 class _Scratch:
-    """Chunk-sized buffers reused across chunks (allocating per chunk would fault in fresh pages each time)."""
+    """Chunk-sized buffers reused across chunks (allocating per chunk would fault in fresh pages each
+    time)."""
 
     def __init__(self, size: int, device: torch.device) -> None:
         self.size, self.device = size, device
@@ -32,7 +33,8 @@ class _Scratch:
     def get(self, dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Two buffers of n elements of dtype: one for converted values, one for intermediate results."""
         if dtype not in self.buffers:
-            self.buffers[dtype] = tuple(torch.empty(self.size, dtype=dtype, device=self.device) for _ in range(2))
+            self.buffers[dtype] = tuple(torch.empty(self.size, dtype=dtype, device=self.device)
+                                        for _ in range(2))
         converted, work = self.buffers[dtype]
         return converted[:n], work[:n]
 
@@ -129,7 +131,8 @@ def _fixed_range(spec: HistSpec, device: torch.device) -> torch.Tensor:
 
 
 def _linear_counts(x: torch.Tensor, spec: HistSpec, lo_hi: torch.Tensor) -> torch.Tensor:
-    """int64 [B] counts of x in ``spec.bins`` equal bins over lo_hi = (lo, hi), float32 [2] (torch.histc rules)."""
+    """int64 [B] counts of x in ``spec.bins`` equal bins over lo_hi = (lo, hi), float32 [2] (torch.histc
+    rules)."""
     x = x.to(torch.float32)
     lo, hi = lo_hi[0], lo_hi[1]
     if x.device.type == "cpu":  # torch.histc bins exactly so, and reading its range is free on the CPU
@@ -193,7 +196,8 @@ def pair_raw_stats(
                 o = with_origin[0][0]
                 x, y = torch.sub(x, o, out=x_work), torch.sub(y, o, out=y_work)
             n = torch.full_like(diff_sq, x.numel())
-            rows[layer] += torch.stack([n, torch.dot(x, y), torch.dot(x, x), torch.dot(y, y), diff_sq]).double()
+            rows[layer] += torch.stack([n, torch.dot(x, y), torch.dot(x, x), torch.dot(y, y),
+                                        diff_sq]).double()
     return rows
 
 

@@ -1,4 +1,5 @@
-"""Triton kernels of fastgradstats (installed as ``fastgradstats.kernels``); import only where Triton is present."""
+"""Triton kernels of fastgradstats (installed as ``fastgradstats.kernels``); import only where Triton is
+present."""
 
 from .pair_stats import pair_raw_stats
 from .tensor_stats import raw_stats

@@ -1,7 +1,7 @@
 """How a stage-1 program walks its chunk: full blocks unmasked, then the two partial blocks at its ends.
 
-Indices are the segment table's padded indices (see :mod:`.segments`): element i of a tensor is index head + i,
-and block b covers indices [b·BLOCK, (b + 1)·BLOCK), 16-byte aligned.
+Indices are the segment table's padded indices (see :mod:`.segments`): element i of a tensor is index
+head + i, and block b covers indices [b·BLOCK, (b + 1)·BLOCK), 16-byte aligned.
 """
 
 import triton

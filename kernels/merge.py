@@ -38,7 +38,8 @@ def _merge_kernel(
 
 
 def merge_chunk_rows(table: SegmentTable, partials: torch.Tensor, rows: torch.Tensor, first_max: int) -> None:
-    """Write rows[out_row] of every tensor in ``table`` from its chunk rows in ``partials`` [C, K] (one launch)."""
+    """Write rows[out_row] of every tensor in ``table`` from its chunk rows in ``partials`` [C, K] (one
+    launch)."""
     num_fields = rows.shape[1]
     _merge_kernel[(table.num_tensors,)](
         table.tensors, table.chunk_offsets, partials, rows,

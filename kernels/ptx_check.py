@@ -35,7 +35,8 @@ class PtxReport:
 
     def __str__(self) -> str:
         verdict = "ok" if self.ok else "CHECK"
-        return f"{verdict:5} {self.name:48} vector16={self.vectorized!s:5} spills={self.spills!s:5} {' '.join(self.loads)}"
+        return (f"{verdict:5} {self.name:48} vector16={self.vectorized!s:5} spills={self.spills!s:5} "
+                f"{' '.join(self.loads)}")
 
 
 def _variants():
@@ -44,19 +45,22 @@ def _variants():
                  "total_hist_out": "*i64", "ranges": "*fp32", "num_layers": "i64"}
     for dtype in (tl.float32, tl.bfloat16, tl.float16):
         for rows, hist, total in ((True, 0, False), (True, 1, False), (True, 2, False), (False, 2, True)):
-            constexprs = {"DTYPE": dtype, "CHUNK": CHUNK, "BLOCK": BLOCK, "NUM_FIELDS": 10, "ROWS": rows, "HIST": hist,
-                              "TOTAL_HIST": total, "MIN_EXP": -48, "MAX_EXP": 15, "BINS": 64, "PADDED_BINS": 64}
+            constexprs = {"DTYPE": dtype, "CHUNK": CHUNK, "BLOCK": BLOCK, "NUM_FIELDS": 10, "ROWS": rows,
+                          "HIST": hist, "TOTAL_HIST": total, "MIN_EXP": -48, "MAX_EXP": 15, "BINS": 64,
+                          "PADDED_BINS": 64}
             yield (f"tensor_stats[{dtype}, rows={rows}, hist={hist}]", tensor_stats._chunk_kernel, stats_sig,
                    constexprs, tensor_stats.NUM_WARPS)
     pair_sig = {"tensor_table": "*i64", "chunk_table": "*i64", "partials": "*fp64"}
     for dtype in (tl.float32, tl.bfloat16):
         for has_origin in (False, True):
-            constexprs = {"A_DTYPE": dtype, "B_DTYPE": dtype, "O_DTYPE": dtype, "HAS_ORIGIN": has_origin, "ALIGNED": True,
-                              "TABLE_STRIDE": 8 if has_origin else 6, "CHUNK": CHUNK, "BLOCK": BLOCK, "NUM_FIELDS": 5}
+            constexprs = {"A_DTYPE": dtype, "B_DTYPE": dtype, "O_DTYPE": dtype, "HAS_ORIGIN": has_origin,
+                          "ALIGNED": True, "TABLE_STRIDE": 8 if has_origin else 6, "CHUNK": CHUNK,
+                          "BLOCK": BLOCK, "NUM_FIELDS": 5}
             yield (f"pair_stats[{dtype}, origin={has_origin}]", pair_stats._pair_chunk_kernel, pair_sig,
                    constexprs, tensor_stats.NUM_WARPS)
     merge_sig = {"tensor_table": "*i64", "chunk_offsets": "*i64", "partials": "*fp64", "rows": "*fp64"}
-    constexprs = {"TABLE_STRIDE": 4, "NUM_FIELDS": 10, "FIRST_MAX_FIELD": 6, "PADDED_FIELDS": 16, "MERGE": merge.MERGE_BLOCK}
+    constexprs = {"TABLE_STRIDE": 4, "NUM_FIELDS": 10, "FIRST_MAX_FIELD": 6, "PADDED_FIELDS": 16,
+                  "MERGE": merge.MERGE_BLOCK}
     yield "merge", merge._merge_kernel, merge_sig, constexprs, 4
 
 
@@ -66,11 +70,13 @@ def check(arch: int = 90) -> list[PtxReport]:
     for name, kernel, pointer_sig, constexprs, num_warps in _variants():
         signature = {**pointer_sig, **{key: "constexpr" for key in constexprs}}
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs={})
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": num_warps})
         ptx = compiled.asm["ptx"]
         loads = sorted(set(re.findall(r"ld\.global[.\w]*", ptx)))
         sixteen_bytes = any(re.search(r"\.v4\.[bf]32|\.v2\.[bf]64", load) for load in loads)
-        reports.append(PtxReport(name, loads, sixteen_bytes, ".local" in ptx, kernel is not merge._merge_kernel))
+        reports.append(PtxReport(name, loads, sixteen_bytes, ".local" in ptx,
+                                 kernel is not merge._merge_kernel))
     return reports
 
 

@@ -26,7 +26,8 @@ TENSOR_FIELDS = 4  # base address, head, numel, output row; then (base address, 
 class SegmentTable:
     """int64 device tensors describing T tensors cut into C chunks.
 
-    tensors: [T, 4 + 2 * len(others)] (base address, head, numel, output row, then base and head per other list).
+    tensors: [T, 4 + 2 * len(others)] (base address, head, numel, output row, then base and head per
+        other list).
     chunks: [C, 2] (tensor index, first padded index of the chunk).
     chunk_offsets: [T + 1]; tensor t owns chunks chunk_offsets[t] : chunk_offsets[t + 1].
     aligned: every other list's heads equal the first list's, so its full blocks are 16-byte aligned too.
@@ -41,7 +42,8 @@ class SegmentTable:
 
 
 def segment_table(
-    flats: list[torch.Tensor], out_rows: list[int], chunk_size: int, others: tuple[list[torch.Tensor], ...] = ()
+    flats: list[torch.Tensor], out_rows: list[int], chunk_size: int,
+    others: tuple[list[torch.Tensor], ...] = (),
 ) -> SegmentTable:
     """The table of 1-D tensors ``flats`` (one device and dtype) whose results go to rows ``out_rows``.
 

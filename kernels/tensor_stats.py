@@ -134,7 +134,8 @@ def _chunk_kernel(
         ptrs = tl.max_contiguous(tl.multiple_of(base + offs, 16), BLOCK)
         x = tl.load(ptrs).to(tl.float32)
         inv_count = 1.0 / (block - first_full + 1).to(tl.float32)  # the same for every lane
-        sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist = _accumulate(
+        (sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist,
+         total_hist) = _accumulate(
             x, all_valid, center, inv_count, lo, hi, total_lo, total_hi,
             sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
             ROWS, HIST, TOTAL_HIST, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
@@ -145,7 +146,8 @@ def _chunk_kernel(
         x = tl.load(base + offs, mask=valid, other=0.0).to(tl.float32)
         count += valid.to(tl.float32)
         inv_count = 1.0 / tl.maximum(count, 1.0)
-        sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist = _accumulate(
+        (sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist,
+         total_hist) = _accumulate(
             x, valid, center, inv_count, lo, hi, total_lo, total_hi,
             sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
             ROWS, HIST, TOTAL_HIST, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
@@ -176,10 +178,12 @@ def _chunk_kernel(
 
 
 def check_sizes(chunk_size: int, block_size: int) -> None:
-    """Blocks must be powers of two of at least 16 elements (16-byte alignment of full blocks) dividing chunks."""
+    """Blocks must be powers of two of at least 16 elements (16-byte alignment of full blocks) dividing
+    chunks."""
     if block_size < 16 or block_size & (block_size - 1) or chunk_size < block_size or chunk_size % block_size:
         raise ValueError(
-            f"block_size must be a power of two >= 16 that divides chunk_size, got {block_size} and {chunk_size}"
+            "block_size must be a power of two >= 16 that divides chunk_size, "
+            f"got {block_size} and {chunk_size}"
         )
 
 
@@ -228,12 +232,14 @@ def raw_stats(
         ranges = linear_ranges(spec, rows)
         total_hist = torch.zeros(spec.bins, dtype=torch.int64, device=device)
         for dtype, table in tables.items():
-            _launch_chunks(table, dtype, spec, HIST_LINEAR, None, hist, total_hist, ranges, chunk_size, block_size)
+            _launch_chunks(table, dtype, spec, HIST_LINEAR, None, hist, total_hist, ranges, chunk_size,
+                           block_size)
     return RawStats(rows, hist, total_hist)
 
 
 def _launch_chunks(table, dtype, spec, hist_mode, partials, hist, total_hist, ranges, chunk_size, block_size):
-    """Launch stage 1 over a group's chunks: raw-row partials when ``partials`` is given, histograms per mode."""
+    """Launch stage 1 over a group's chunks: raw-row partials when ``partials`` is given, histograms per
+    mode."""
     if table.num_chunks == 0:
         return
     unused = table.tensors  # any tensor will do for a pointer argument a specialization never reads

@@ -1,4 +1,5 @@
-"""Test setup: without CUDA, Triton kernels run in Triton's CPU interpreter (set before anything imports triton)."""
+"""Test setup: without CUDA, Triton kernels run in Triton's CPU interpreter (set before anything imports
+triton)."""
 
 import os
 

@@ -38,7 +38,7 @@ def trained_net():
     return net
 
 
-# --- bad tensors ---------------------------------------------------------------------------------------------
+# --- bad tensors --------------------------------------------------------------------------------------------
 
 
 def test_non_tensor_item_names_its_layer():
@@ -68,7 +68,7 @@ def test_tensors_on_different_devices_name_both_layers():
         fgs.tensor_stats([torch.ones(2), torch.ones(2, device="meta")], names=["a", "b"])
 
 
-# --- bad names -----------------------------------------------------------------------------------------------
+# --- bad names ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("names", [["a"], ["a", "b", "c", "d"], []])
@@ -87,7 +87,7 @@ def test_non_string_name_is_named():
         fgs.tensor_stats(layers(), names=["w", 7, "b"])
 
 
-# --- bad histogram and backend arguments ---------------------------------------------------------------------
+# --- bad histogram and backend arguments --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("hist", ["log", "Linear", "histc", 2])
@@ -138,11 +138,12 @@ def test_unknown_backend_is_rejected_even_without_tensors():
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     pytest.importorskip("fastgradstats.kernels")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match=r"backend 'triton' needs CUDA tensors \(got cpu\) or TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError,
+                       match=r"backend 'triton' needs CUDA tensors \(got cpu\) or TRITON_INTERPRET=1"):
         fgs.tensor_stats(layers("cpu"), backend="triton")
 
 
-# --- backend choice ------------------------------------------------------------------------------------------
+# --- backend choice -----------------------------------------------------------------------------------------
 
 
 def test_auto_backend_on_cpu_is_torch(monkeypatch):
@@ -189,7 +190,7 @@ def test_backend_argument_overrides_the_variable(monkeypatch):
     assert fgs.tensor_stats(layers("cpu"), backend="torch").l2.shape == (3,)
 
 
-# --- grad_stats and param_stats ------------------------------------------------------------------------------
+# --- grad_stats and param_stats -----------------------------------------------------------------------------
 
 
 def test_grad_stats_follows_named_parameters_and_skips_params_without_grad():
@@ -219,9 +220,11 @@ def test_grad_stats_before_backward_is_empty():
 
 @pytest.mark.parametrize("call", [fgs.grad_stats, fgs.param_stats])
 def test_stats_of_a_tensor_or_bad_pairs_are_rejected(call):
-    with pytest.raises(TypeError, match=rf"{call.__name__}: expected an nn.Module or \(name, parameter\) pairs"):
+    with pytest.raises(TypeError,
+                       match=rf"{call.__name__}: expected an nn.Module or \(name, parameter\) pairs"):
         call(torch.ones(3))
-    with pytest.raises(TypeError, match=rf"{call.__name__}: expected \(name, parameter\) pairs, got an item of type"):
+    with pytest.raises(TypeError,
+                       match=rf"{call.__name__}: expected \(name, parameter\) pairs, got an item of type"):
         call([torch.ones(3)])
 
 
@@ -244,7 +247,8 @@ def test_default_names_and_len():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_statistics_of_tensors_that_require_grad_are_not_tracked_by_autograd(backend):
-    """Statistics are read-only: no graph (which would keep float64 copies of the data alive with the result)."""
+    """Statistics are read-only: no graph (which would keep float64 copies of the data alive with the
+    result)."""
     if backend == "triton":
         pytest.importorskip("fastgradstats.kernels")
     weight = torch.nn.Parameter(torch.randn(4, 3, device=DEVICE))
@@ -253,7 +257,7 @@ def test_statistics_of_tensors_that_require_grad_are_not_tracked_by_autograd(bac
     assert not stats.l2.requires_grad and not stats.total.l2.requires_grad
 
 
-# --- result layout -------------------------------------------------------------------------------------------
+# --- result layout ------------------------------------------------------------------------------------------
 
 # "meta" runs the torch backend without data: any field computed on, or copied to, the CPU would show up here.
 RESULT_DEVICES = sorted({DEVICE, "meta"})

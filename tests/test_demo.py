@@ -24,7 +24,8 @@ def test_demo_writes_the_report_folder(tmp_path, capsys):
     assert "largest gradients" in printed and "smallest" in printed and "alerts:" in printed
 
 
-@pytest.mark.parametrize("argv", [[], ["demo", "--every", "0"], ["demo", "--steps", "-1"], ["demo", "--backend", "jax"]])
+@pytest.mark.parametrize("argv", [[], ["demo", "--every", "0"], ["demo", "--steps", "-1"],
+                                  ["demo", "--backend", "jax"]])
 def test_cli_rejects_bad_arguments(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -1,7 +1,7 @@
 """Sharded statistics under real torch.distributed (gloo, 2 CPU ranks) equal those of the unsharded model.
 
-Each test spawns two ranks once and runs a whole scenario in them (spawning costs seconds); a failed assertion in
-a rank fails the test with that rank's traceback.
+Each test spawns two ranks once and runs a whole scenario in them (spawning costs seconds); a failed assertion
+in a rank fails the test with that rank's traceback.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def assert_same_stats(got, want) -> None:
     for stats_got, stats_want in ((got, want), (got.total, want.total)):
         for field in FIELDS:
             a, b = getattr(stats_got, field).double(), getattr(stats_want, field).double()
-            scale = {"sum": stats_want.l1, "mean": stats_want.l1 / stats_want.numel.clamp_min(1)}.get(field, b.abs())
+            scale = {"sum": stats_want.l1,
+                     "mean": stats_want.l1 / stats_want.numel.clamp_min(1)}.get(field, b.abs())
             close = ((a - b).abs() <= 1e-5 * scale.double() + 1e-12) | (a == b) | (a.isnan() & b.isnan())
             assert close.all(), (field, a, b)
         if stats_want.hist is not None:
@@ -109,9 +110,11 @@ def fsdp2_scenario(rank: int) -> None:
     with CountingAllReduce() as counter:
         pairs = fgs.pair_stats(grads, [p.detach() for p in model.parameters()])
     assert counter.calls == 1
-    want = fgs.pair_stats([p.grad for p in reference.parameters()], [p.detach() for p in reference.parameters()])
+    want = fgs.pair_stats([p.grad for p in reference.parameters()],
+                          [p.detach() for p in reference.parameters()])
     for field in fgs.PairStats.FIELDS:
-        assert torch.allclose(getattr(pairs, field).double(), getattr(want, field).double(), rtol=1e-5, atol=1e-7)
+        assert torch.allclose(getattr(pairs, field).double(), getattr(want, field).double(),
+                              rtol=1e-5, atol=1e-7)
 
     total = fgs.clip_grad_norm_(model.parameters(), 0.05)
     want_total = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
@@ -179,7 +182,8 @@ def dtensor_scenario(rank: int) -> None:
 
 
 def two_dim_mesh_scenario(rank: int) -> None:
-    """HSDP-style 2×2 mesh: replicated along dim 0, sharded along dim 1 (and the reverse, and both sharded)."""
+    """HSDP-style 2×2 mesh: replicated along dim 0, sharded along dim 1 (and the reverse, and both
+    sharded)."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
 
     mesh = init_device_mesh("cpu", (2, 2))

@@ -53,7 +53,8 @@ def test_per_layer_statistics_match_torch(model, backend):
     assert torch.equal(stats.max, torch.stack([g.max() for g in grads]))
     assert torch.equal(stats.min, torch.stack([g.min() for g in grads]))
     torch.testing.assert_close(stats.mean, torch.stack([g.mean() for g in grads]), rtol=1e-4, atol=1e-9)
-    torch.testing.assert_close(stats.std, torch.stack([g.std(correction=0) for g in grads]), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(stats.std, torch.stack([g.std(correction=0) for g in grads]),
+                               rtol=1e-4, atol=1e-9)
     assert stats.numel.tolist() == [g.numel() for g in grads]
     assert stats.zeros.tolist() == [(g == 0).sum().item() for g in grads]
     assert stats.nonfinite.sum().item() == 0
@@ -81,7 +82,8 @@ def test_log2_bins_match_frexp_exponents(model, backend):
     stats = fgs.grad_stats(model, hist="log2", min_exp=-30, max_exp=0, backend=backend)
     for row, (_, grad) in zip(stats.hist, grads_of(model)):
         nonzero = grad[grad != 0].float()
-        exponents = torch.frexp(nonzero).exponent - 1  # |x| = m * 2^e with m in [0.5, 1): floor(log2|x|) = e - 1
+        # |x| = m * 2^e with m in [0.5, 1): floor(log2|x|) = e - 1
+        exponents = torch.frexp(nonzero).exponent - 1
         expected = torch.bincount(exponents.clamp(-30, 0) + 30, minlength=31)
         assert torch.equal(row, expected)
 

@@ -1,5 +1,5 @@
-"""GPU-only checks (skipped without CUDA): the Triton kernels on CUDA tensors against the torch backend, no host
-sync in any statistics or clipping call, and a single tensor of more than 2^31 elements."""
+"""GPU-only checks (skipped without CUDA): the Triton kernels on CUDA tensors against the torch backend, no
+host sync in any statistics or clipping call, and a single tensor of more than 2^31 elements."""
 
 import contextlib
 
@@ -112,7 +112,7 @@ def grad_model(dtype=torch.float32):
     return model
 
 
-# --- Triton on CUDA equals the torch backend -----------------------------------------------------------------
+# --- Triton on CUDA equals the torch backend ----------------------------------------------------------------
 
 
 def test_auto_backend_on_cuda_is_triton():
@@ -157,7 +157,7 @@ def test_grad_stats_and_clipping_on_cuda_match_torch(dtype):
         torch.testing.assert_close(p.grad, copy.grad, **tolerance)
 
 
-# --- no host sync --------------------------------------------------------------------------------------------
+# --- no host sync -------------------------------------------------------------------------------------------
 
 
 def test_sync_debug_mode_catches_a_sync():
@@ -169,7 +169,8 @@ def test_sync_debug_mode_catches_a_sync():
 @pytest.mark.parametrize(("hist", "hist_kwargs"), HISTOGRAMS)
 def test_tensor_stats_does_not_sync(dtype, hist, hist_kwargs):
     layers = [t for t in make_layers(dtype) if is_dense(t)]  # a strided view is copied: new address each call
-    warm = fgs.tensor_stats(layers, hist=hist, **hist_kwargs)  # compiles the kernels, caches the segment table
+    # compiles the kernels, caches the segment table
+    warm = fgs.tensor_stats(layers, hist=hist, **hist_kwargs)
     read_every_field(warm)
     with sync_is_an_error():
         stats = fgs.tensor_stats(layers, hist=hist, **hist_kwargs)
@@ -178,7 +179,8 @@ def test_tensor_stats_does_not_sync(dtype, hist, hist_kwargs):
 
 
 def test_stats_of_new_tensors_do_not_sync():
-    """A cold segment-table cache (new addresses) builds the table on the host and copies it without a sync."""
+    """A cold segment-table cache (new addresses) builds the table on the host and copies it without a
+    sync."""
     fgs.tensor_stats(make_layers(torch.float32, seed=1), hist="log2")
     layers = [torch.randn(1000 + i, device=DEVICE) for i in range(7)]
     with sync_is_an_error():
@@ -211,14 +213,15 @@ def test_clip_grad_norm_does_not_sync(dtype, norm_type, return_stats):
     assert total_norm.device.type == "cuda" and total_norm.dtype == dtype
 
 
-# --- more than 2^31 elements ---------------------------------------------------------------------------------
+# --- more than 2^31 elements --------------------------------------------------------------------------------
 
 
 def test_single_tensor_over_2_31_elements():
     numel = 2**31 + 4099
     free, _ = torch.cuda.mem_get_info()
     if free < numel * 2 + (2 << 30):
-        pytest.skip(f"needs about {(numel * 2 + (2 << 30)) / 2**30:.1f} GiB free GPU memory, {free / 2**30:.1f} free")
+        pytest.skip(f"needs about {(numel * 2 + (2 << 30)) / 2**30:.1f} GiB free GPU memory, "
+                    f"{free / 2**30:.1f} free")
     before, after = torch.randn(1000, device=DEVICE), torch.randn(3, 333, device=DEVICE)
     big = torch.ones(numel, device=DEVICE, dtype=torch.bfloat16)
     big[0], big[2**31], big[2**31 + 5], big[-1] = -3.0, 4.0, 0.0, 0.5  # extremes and a zero past 2^31

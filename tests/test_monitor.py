@@ -90,8 +90,8 @@ def test_init_measures_the_distance_from_the_first_step():
     init = record.stats["init"]
     for i, name in enumerate(init.names):
         # the record is taken before step 4's update: three SGD steps away from the start
-        distance = (dict(model.named_parameters())[name].detach() + 0.1 * dict(model.named_parameters())[name].grad
-                    - initial[name]).norm()
+        distance = (dict(model.named_parameters())[name].detach()
+                    + 0.1 * dict(model.named_parameters())[name].grad - initial[name]).norm()
         assert init.dist[i].item() == pytest.approx(distance.item(), rel=1e-4)
 
 

@@ -1,4 +1,5 @@
-"""Sinks: what JSONL, TensorBoard and Wandb write for Monitor records, read back with each tool's own reader."""
+"""Sinks: what JSONL, TensorBoard and Wandb write for Monitor records, read back with each tool's own
+reader."""
 
 import json
 import math

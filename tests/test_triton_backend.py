@@ -2,8 +2,8 @@
 
 Without CUDA the kernels run in Triton's numpy interpreter (see conftest.py), so the data stay small and the
 launches use tiny chunks (32 elements, blocks of 16) that put several chunks and tensors in one launch. Every
-Triton call runs with ``torch.empty`` poisoned (NaN for floats, the most negative integer for ints), so a row or
-partial the kernels fail to write shows up in the comparison.
+Triton call runs with ``torch.empty`` poisoned (NaN for floats, the most negative integer for ints), so a row
+or partial the kernels fail to write shows up in the comparison.
 """
 
 from __future__ import annotations
@@ -150,19 +150,22 @@ def assert_close_per_layer(name: str, got: torch.Tensor, want: torch.Tensor, ato
     """NaN where want is NaN, non-finite values equal, finite ones within atol (a scalar or per layer)."""
     got, want = got.double().cpu(), want.double().cpu()
     atol = torch.as_tensor(atol, dtype=torch.float64).cpu().expand_as(want)
-    assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN at {got.isnan().tolist()}, want {want.isnan().tolist()}"
+    assert torch.equal(got.isnan(), want.isnan()), (f"{name}: NaN at {got.isnan().tolist()}, "
+                                                    f"want {want.isnan().tolist()}")
     same = (got == want) | want.isnan()
     err = (got - want).abs()
     bad = ~same & (~want.isfinite() | ~(err <= atol))
     layers = bad.nonzero().flatten().tolist()
-    assert not layers, f"{name}: layers {layers} got {got[bad].tolist()} want {want[bad].tolist()} atol {atol[bad].tolist()}"
+    assert not layers, (f"{name}: layers {layers} got {got[bad].tolist()} want {want[bad].tolist()} "
+                        f"atol {atol[bad].tolist()}")
 
 
 def assert_rows_match(got_rows: torch.Tensor, want_rows: torch.Tensor, rtol: float = 1e-5) -> None:
     """Derived fields of the Triton rows against the reference rows, with tolerances for fp32 accumulation."""
     got, want = derive(got_rows), derive(want_rows)
     for name in COUNT_FIELDS:
-        assert torch.equal(got[name].cpu(), want[name].cpu()), f"{name}: {got[name].tolist()} != {want[name].tolist()}"
+        assert torch.equal(got[name].cpu(), want[name].cpu()), (f"{name}: {got[name].tolist()} "
+                                                                f"!= {want[name].tolist()}")
     for name in EXACT_FIELDS:
         assert_close_per_layer(name, got[name], want[name], 0.0)
     n = want["numel"].double().clamp_min(1).cpu()
@@ -177,7 +180,8 @@ def assert_rows_match(got_rows: torch.Tensor, want_rows: torch.Tensor, rtol: flo
     assert_close_per_layer("var", got["std"].double() ** 2, want["std"].double() ** 2, var_atol)
     # The finite ranges feed the linear histogram's edges: equal once rounded to float32 like the edges.
     for field in (FMAX, NEG_FMIN):
-        assert torch.equal(got_rows[:, field].float().cpu(), want_rows[:, field].float().cpu()), f"raw field {field}"
+        assert torch.equal(got_rows[:, field].float().cpu(),
+                           want_rows[:, field].float().cpu()), f"raw field {field}"
 
 
 def assert_raw_match(got: RawStats, want: RawStats, rtol: float = 1e-5) -> None:
@@ -188,7 +192,8 @@ def assert_raw_match(got: RawStats, want: RawStats, rtol: float = 1e-5) -> None:
         assert (got_hist is None) == (want_hist is None), name
         if want_hist is not None:
             assert got_hist.dtype == torch.int64, name
-            assert torch.equal(got_hist.cpu(), want_hist.cpu()), f"{name}:\n{got_hist.tolist()}\n!=\n{want_hist.tolist()}"
+            assert torch.equal(got_hist.cpu(), want_hist.cpu()), (f"{name}:\n{got_hist.tolist()}\n"
+                                                                  f"!=\n{want_hist.tolist()}")
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -297,7 +302,8 @@ def test_log2_bins_clamp_subnormals_and_large_values(poison):
     # Magnitudes stay below ~1e18 so that Σx² fits in the kernels' float32 accumulators.
     spec = SPECS["log2_narrow"]
     tensors = [
-        torch.tensor([1e-40, -1e-42, 1e-30, 1e-6, 3e-4, 0.5, 1.0, 7.9, 8.0, 1e3, -1e15, 3e17] * 3, device=DEVICE),
+        torch.tensor([1e-40, -1e-42, 1e-30, 1e-6, 3e-4, 0.5, 1.0, 7.9, 8.0, 1e3, -1e15, 3e17] * 3,
+                     device=DEVICE),
         torch.tensor([6e-8, -1e-5, 1e-3, 65504.0, 0.25] * 4, dtype=torch.float16, device=DEVICE),
         torch.tensor([1e-38, 1e17, -2.0**-10, 2.0**3] * 5, dtype=torch.bfloat16, device=DEVICE),
     ]
