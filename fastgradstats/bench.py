@@ -37,6 +37,7 @@ from .workloads import DEFAULT_WORKLOADS, GRADIENT_SCALE, WORKLOADS, Workload
 
 DEFAULT_RESULTS = Path("benchmarks/results/results.jsonl")
 LINEAR_BINS = 64
+TRAJECTORY_CHECKPOINTS = 4
 
 
 # Candidates: each is called as fn(a, b) with two lists of the workload's tensors (only pairs read b).
@@ -73,26 +74,47 @@ def cosine_loop(a: list[torch.Tensor], b: list[torch.Tensor]) -> object:
     return [F.cosine_similarity(x.flatten(), y.flatten(), dim=0) for x, y in zip(a, b)]
 
 
+def checkpoint_series(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """TRAJECTORY_CHECKPOINTS state_dicts alternating between the two lists (no copies): what reading a
+    checkpoint series costs."""
+    names = [str(i) for i in range(len(a))]
+    return [dict(zip(names, a if k % 2 == 0 else b)) for k in range(TRAJECTORY_CHECKPOINTS)]
+
+
+def flatten_gram(a: list[torch.Tensor], b: list[torch.Tensor]) -> object:
+    """The usual trajectory Gram: every checkpoint flattened with ``parameters_to_vector`` into one [K, N]
+    matrix (K × N values in memory at once), then ``X @ X.T``."""
+    flat = torch.stack([torch.nn.utils.parameters_to_vector(c.values()) for c in checkpoint_series(a, b)])
+    return flat @ flat.T
+
+
 BASELINES: dict[str, Callable[[list[torch.Tensor], list[torch.Tensor]], object]] = {
     "norm-loop": norm_loop,
     "foreach-norm": foreach_norm,
     "wandb-loop": wandb_loop,
     "cat-cosine": cat_cosine,
     "cosine-loop": cosine_loop,
+    "flatten-gram": flatten_gram,
 }
 FAMILIES: dict[str, tuple[str, ...]] = {  # family -> its baselines
     "stats+log2": ("norm-loop", "foreach-norm", "wandb-loop"),
     "stats": ("norm-loop", "foreach-norm"),
     "linear-hist": ("wandb-loop",),
     "pair": ("cat-cosine", "cosine-loop"),
+    "trajectory": ("flatten-gram",),
 }
+LISTS_READ = {"pair": 2, "trajectory": TRAJECTORY_CHECKPOINTS}  # lists of the workload read per call
 OURS, FLOOR = "ours", "read-floor"
 
 
 def ours(family: str, backend: str | None) -> Callable[[list[torch.Tensor], list[torch.Tensor]], object]:
-    """Our call for a family: ``fgs.tensor_stats`` with the family's histogram, or ``fgs.pair_stats``."""
+    """Our call for a family: ``fgs.tensor_stats`` with the family's histogram, ``fgs.pair_stats`` or
+    ``fgs.trajectory_map`` (centred at the first checkpoint, its Gram on the tensors' device)."""
     if family == "pair":
         return lambda a, b: fgs.pair_stats(a, b, backend=backend)
+    if family == "trajectory":
+        return lambda a, b: fgs.trajectory_map(checkpoint_series(a, b), center=0, progress=False,
+                                               device=a[0].device)
     hist = {"stats+log2": "log2", "stats": None, "linear-hist": "linear"}[family]
     return lambda a, b: fgs.tensor_stats(a, hist=hist, bins=LINEAR_BINS, backend=backend)
 
@@ -248,7 +270,7 @@ def family_rows(
     backend: str | None,
 ) -> list[Row]:
     """Rows of one family: ours (with launches and host syncs), the family's baselines, the read floor."""
-    num_bytes = workload.num_bytes * (2 if family == "pair" else 1)
+    num_bytes = workload.num_bytes * LISTS_READ.get(family, 1)
     floor_ms, floor_error = timings.floor(num_bytes, workload.dtype)
 
     def row(candidate: str, ms: float | None, error: str | None) -> Row:
@@ -275,9 +297,9 @@ def bench_workload(
     workload: Workload, families: Sequence[str], device: torch.device, backend: str | None, repeats: int,
     warmup: int,
 ) -> list[Row]:
-    """Rows of every family on ``workload`` (b, the second list, is made only for "pair")."""
+    """Rows of every family on ``workload`` (b, the second list, only for the families that read it)."""
     a = workload.tensors(device, seed=0)
-    b = workload.tensors(device, seed=1) if "pair" in families else []
+    b = workload.tensors(device, seed=1) if set(LISTS_READ) & set(families) else []
     timings = Timings(device, repeats, warmup)
     return [row for family in families for row in family_rows(workload, family, a, b, timings, backend)]
 
@@ -382,7 +404,7 @@ def run(
 
     Defaults: every family; on CUDA (the default device when available) gpt2-small, 1b, 7b and many-small with
     20 repeats after 3 warm-up calls, on the CPU gpt2-small with 5 repeats after 1. A workload that needs more
-    than the free memory (about 2 lists, 4 with pairs) is skipped. ``results=None`` saves nothing.
+    than the free memory (2 lists, plus 2 per list a family reads) is skipped. ``results=None`` saves nothing.
 
     Example::
 
@@ -400,7 +422,8 @@ def run(
     rows: list[Row] = []
     for workload in workloads or DEFAULT_WORKLOADS["cuda" if on_cuda else "cpu"]:
         workload = WORKLOADS[workload] if isinstance(workload, str) else workload
-        needed, free = workload.num_bytes * (4 if "pair" in families else 2), free_bytes(device)
+        needed = workload.num_bytes * (2 + max([LISTS_READ.get(f, 0) for f in families]) * 2)
+        free = free_bytes(device)
         if free is not None and needed > free:
             print(f"{workload.name}: skipped, needs about {needed / 1e9:.1f} GB, {free / 1e9:.1f} GB free\n")
             continue

@@ -116,7 +116,7 @@ def test_torch_backend_reports_no_launch_count():
 def test_triton_launches_are_counted_per_call():
     rows = run_small(backend="triton")
     launches = {row.family: row.launches for row in rows if row.candidate == bench.OURS}
-    assert launches == {"stats+log2": 2, "stats": 2, "linear-hist": 3, "pair": 2}
+    assert launches == {"stats+log2": 2, "stats": 2, "linear-hist": 3, "pair": 2, "trajectory": 0}
     assert all(row.launches is None for row in rows if row.candidate != bench.OURS)
 
 
