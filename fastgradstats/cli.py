@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from fastgradstats import bench, demo
-from fastgradstats.dispatch import resolve_backend
+from fastgradstats.dispatch import BACKENDS, resolve_backend
 from fastgradstats.trajectory import trajectory_map
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--out", default="fastgradstats-demo",
                              help="report folder (default ./fastgradstats-demo)")
     demo_parser.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default 0)")
-    demo_parser.add_argument("--backend", choices=["torch", "triton"], default=None,
+    demo_parser.add_argument("--backend", choices=list(BACKENDS), default=None,
                              help="statistics backend (default: automatic)")
     bench_parser = commands.add_parser("bench", help="time the statistics against the usual PyTorch code")
     bench_parser.add_argument("--workload", action="append", choices=list(bench.WORKLOADS),
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                               help="timed calls per candidate; the median is reported (default 5 on CPU, "
                                    "20 on CUDA)")
     bench_parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    bench_parser.add_argument("--backend", choices=["torch", "triton"], default=None,
+    bench_parser.add_argument("--backend", choices=list(BACKENDS), default=None,
                               help="statistics backend (default: automatic)")
     bench_parser.add_argument("--results", default=str(bench.DEFAULT_RESULTS),
                               help=f"JSON-lines file to append the rows to (default {bench.DEFAULT_RESULTS})")

@@ -1,7 +1,8 @@
 """Choosing a backend and asking it for raw rows.
 
 Order of choice: the ``backend=`` argument, else the ``FASTGRADSTATS_BACKEND`` environment variable, else
-"triton" for CUDA tensors when Triton imports, else "torch". "triton" on CPU tensors runs only under
+"triton" for CUDA tensors when Triton imports, "native" (compiled C, :mod:`fastgradstats.native_backend`) for
+CPU tensors when a C compiler builds it, and "torch" otherwise. "triton" on CPU tensors runs only under
 ``TRITON_INTERPRET=1`` (Triton's numpy interpreter, used by the tests).
 """
 
@@ -13,13 +14,15 @@ from collections.abc import Sequence
 
 import torch
 
-from . import torch_backend
+from . import native_backend, torch_backend
 from .dense import flat_elements
 from .distributed import Reducer
 from .hist import HistSpec
 from .rows import PAIR_K, RawStats
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "native", "triton")
+_RAW_STATS = {"torch": torch_backend.raw_stats, "native": native_backend.raw_stats}
+_PAIR_RAW_STATS = {"torch": torch_backend.pair_raw_stats, "native": native_backend.pair_raw_stats}
 
 
 @functools.cache
@@ -40,11 +43,18 @@ def resolve_backend(backend: str | None, device: torch.device | None) -> str:
     """
     name = backend if backend is not None else os.environ.get("FASTGRADSTATS_BACKEND") or None
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"backend must be None, 'torch' or 'triton', got {name!r}")
+        raise ValueError(f"backend must be None, 'torch', 'native' or 'triton', got {name!r}")
     if device is None:
         return "torch"
     if name is None:
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "native" if device.type == "cpu" and native_backend.available() else "torch"
+    if name == "native":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'native' needs CPU tensors, got {device}")
+        if not native_backend.available():
+            raise ValueError(f"backend 'native' is unavailable: {native_backend.unavailable_reason()}")
     if name == "triton":
         if not triton_available():
             raise ValueError("backend 'triton' needs the triton package: pip install 'fastgradstats[triton]'")
@@ -63,8 +73,9 @@ def raw_stats(
     With a ``reducer`` (sharded tensors), the rows and histograms of all ranks are merged: the maxima before a
     linear histogram takes its ranges from them, then the sums and counts.
     """
-    if resolve_backend(backend, tensors[0].device if tensors else None) == "torch":
-        compute = functools.partial(torch_backend.raw_stats, tensors, spec)
+    name = resolve_backend(backend, tensors[0].device if tensors else None)
+    if name in _RAW_STATS:
+        compute = functools.partial(_RAW_STATS[name], tensors, spec)
     else:
         from fastgradstats.kernels import raw_stats as triton_raw_stats
 
@@ -94,8 +105,9 @@ def pair_raw_stats(
 ) -> torch.Tensor:
     """Pair rows [L, PAIR_K] of validated 1-D tensors in matching element order, from the chosen backend
     (summed over the ranks of ``reducer`` when given)."""
-    if resolve_backend(backend, a[0].device if a else None) == "torch":
-        rows = torch_backend.pair_raw_stats(a, b, origin)
+    name = resolve_backend(backend, a[0].device if a else None)
+    if name in _PAIR_RAW_STATS:
+        rows = _PAIR_RAW_STATS[name](a, b, origin)
     else:
         from fastgradstats.kernels import pair_raw_stats as triton_pair_raw_stats
 

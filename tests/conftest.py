@@ -19,3 +19,5 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# The native backend reads CPU tensors only: tests whose data live on DEVICE skip it on a CUDA machine.
+NATIVE = pytest.param("native", marks=pytest.mark.skipif(DEVICE != "cpu", reason="native reads CPU tensors"))

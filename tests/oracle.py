@@ -76,12 +76,11 @@ def linear_range(x: np.ndarray) -> tuple[np.float32, np.float32]:
     finite = x[np.isfinite(x)]
     if finite.size == 0:
         return np.float32(-1.0), np.float32(1.0)
-    lo, hi = float(finite.min()), float(finite.max())
+    lo, hi = np.float32(finite.min()), np.float32(finite.max())  # float32 data, as torch.histc sees it
     if lo == hi:
-        below = float(np.nextafter(np.float32(lo), np.float32(-np.inf)))
-        above = float(np.nextafter(np.float32(hi), np.float32(np.inf)))
-        lo, hi = min(lo - 1.0, below), max(hi + 1.0, above)
-    return np.float32(lo), np.float32(hi)
+        lo = min(lo - np.float32(1.0), np.nextafter(lo, np.float32(-np.inf)))
+        hi = max(hi + np.float32(1.0), np.nextafter(hi, np.float32(np.inf)))
+    return lo, hi
 
 
 def linear_hist(x: np.ndarray, bins: int, lo: float, hi: float) -> np.ndarray:

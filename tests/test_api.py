@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, NATIVE
 
 import fastgradstats as fgs
+from fastgradstats import native_backend
 from fastgradstats.dispatch import resolve_backend
 
 FIELDS = ("numel", "sum", "mean", "std", "l1", "l2", "linf", "min", "max", "zeros", "nonfinite")
@@ -126,12 +127,14 @@ def test_linear_range_needs_finite_lo_below_hi(bad_range):
 
 @pytest.mark.parametrize("backend", ["cuda", "Torch", "numpy", ""])
 def test_unknown_backend_is_named(backend):
-    with pytest.raises(ValueError, match=rf"backend must be None, 'torch' or 'triton', got {backend!r}"):
+    expected = rf"backend must be None, 'torch', 'native' or 'triton', got {backend!r}"
+    with pytest.raises(ValueError, match=expected):
         fgs.tensor_stats(layers(), backend=backend)
 
 
 def test_unknown_backend_is_rejected_even_without_tensors():
-    with pytest.raises(ValueError, match="backend must be None, 'torch' or 'triton', got 'trition'"):
+    expected = "backend must be None, 'torch', 'native' or 'triton', got 'trition'"
+    with pytest.raises(ValueError, match=expected):
         fgs.tensor_stats([], backend="trition")
 
 
@@ -146,14 +149,32 @@ def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
 # --- backend choice -----------------------------------------------------------------------------------------
 
 
-def test_auto_backend_on_cpu_is_torch(monkeypatch):
+def test_auto_backend_on_cpu_is_native(monkeypatch):
     monkeypatch.delenv("FASTGRADSTATS_BACKEND", raising=False)
+    assert resolve_backend(None, torch.device("cpu")) == "native"
+
+
+def test_auto_backend_on_cpu_is_torch_without_a_compiler(monkeypatch):
+    monkeypatch.delenv("FASTGRADSTATS_BACKEND", raising=False)
+    monkeypatch.setattr(native_backend, "available", lambda: False)
     assert resolve_backend(None, torch.device("cpu")) == "torch"
+
+
+def test_native_backend_without_a_compiler_says_why(monkeypatch):
+    monkeypatch.setattr(native_backend, "available", lambda: False)
+    monkeypatch.setattr(native_backend, "unavailable_reason", lambda: "no C compiler found")
+    with pytest.raises(ValueError, match="backend 'native' is unavailable: no C compiler found"):
+        fgs.tensor_stats(layers("cpu"), backend="native")
+
+
+def test_native_backend_needs_cpu_tensors():
+    with pytest.raises(ValueError, match=r"backend 'native' needs CPU tensors, got meta"):
+        resolve_backend("native", torch.device("meta"))
 
 
 def test_empty_backend_variable_means_auto(monkeypatch):
     monkeypatch.setenv("FASTGRADSTATS_BACKEND", "")
-    assert resolve_backend(None, torch.device("cpu")) == "torch"
+    assert resolve_backend(None, torch.device("cpu")) == "native"
 
 
 def test_backend_variable_selects_the_triton_kernels(monkeypatch):
@@ -245,7 +266,7 @@ def test_default_names_and_len():
     assert len(stats) == 3
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", NATIVE, "triton"])
 def test_statistics_of_tensors_that_require_grad_are_not_tracked_by_autograd(backend):
     """Statistics are read-only: no graph (which would keep float64 copies of the data alive with the
     result)."""

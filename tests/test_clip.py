@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, NATIVE
 
 import fastgradstats as fgs
 
@@ -16,7 +16,7 @@ TOLERANCE = {
 }
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", NATIVE, "triton"])
 def backend(request, monkeypatch):
     """Run the fused norm on each backend (clip_grad_norm_ takes the backend from the environment)."""
     if request.param == "triton":

@@ -134,7 +134,8 @@ def dtensor_scenario(rank: int) -> None:
     assert sharded[2].to_local().numel() == (4 if rank == 0 else 0)  # rank 1's shard is empty
 
     for hist in (None, "log2", "linear"):
-        for backend in ("torch", "triton"):  # triton runs in the interpreter on CPU (TRITON_INTERPRET=1)
+        # triton runs in the interpreter on CPU (TRITON_INTERPRET=1)
+        for backend in ("torch", "native", "triton"):
             with CountingAllReduce() as counter:
                 got = fgs.tensor_stats(sharded, hist=hist, backend=backend)
             assert counter.calls == 2

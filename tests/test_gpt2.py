@@ -3,14 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
+from conftest import DEVICE, NATIVE
 
 import fastgradstats as fgs
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 64
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+BACKENDS = ["torch", NATIVE, pytest.param("triton", marks=pytest.mark.skipif(
     not fgs.dispatch.triton_available(), reason="needs triton"))]
 
 

@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE
+from conftest import DEVICE, NATIVE
 from oracle import values
 
 import fastgradstats as fgs
-from fastgradstats import torch_backend
+from fastgradstats import native_backend, torch_backend
 from fastgradstats.rows import COSINE_EPS, derive_pair
 
 FIELDS = ("numel", "dot", "a_l2", "b_l2", "cos", "dist")
 FLOAT_FIELDS = FIELDS[1:]
+PAIR_RAW_STATS = {"torch": torch_backend.pair_raw_stats, "native": native_backend.pair_raw_stats}
 CHUNK, BLOCK = 32, 16  # tiny kernel chunks so small tensors straddle chunk and block boundaries
 kernels = importlib.import_module("fastgradstats.kernels")
 pair_kernels = importlib.import_module("fastgradstats.kernels.pair_stats")
@@ -97,14 +98,15 @@ DTYPE_MIXES = {  # (a dtypes, b dtypes, origin dtypes), one per layer of ODD_SHA
 # --- torch backend against the float64 oracle ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("backend", ["torch", NATIVE])
 @pytest.mark.parametrize("with_origin", [False, True], ids=["no-origin", "origin"])
 @pytest.mark.parametrize("mix", list(DTYPE_MIXES))
-def test_torch_backend_matches_float64_oracle_per_layer_and_total(mix, with_origin):
+def test_cpu_backends_match_float64_oracle_per_layer_and_total(mix, with_origin, backend):
     a_dtypes, b_dtypes, o_dtypes = DTYPE_MIXES[mix]
     a = random_layers(ODD_SHAPES, a_dtypes, seed=1)
     b = random_layers(ODD_SHAPES, b_dtypes, seed=2)
     origin = random_layers(ODD_SHAPES, o_dtypes, seed=3, scale=0.5) if with_origin else None
-    stats = fgs.pair_stats(a, b, origin=origin, backend="torch")
+    stats = fgs.pair_stats(a, b, origin=origin, backend=backend)
     assert_matches_oracle(stats, a, b, origin)
 
 
@@ -117,17 +119,18 @@ def test_empty_layers_have_zero_numel_dot_norms_cos_and_dist():
         assert getattr(stats.total, field).item() == 0, field
 
 
-def test_chunked_torch_reference_merges_chunks_exactly():
+@pytest.mark.parametrize("backend", ["torch", NATIVE])
+def test_chunked_cpu_backends_merge_chunks_exactly(backend):
     sizes = [1, 5, 0, 12, 23]
     a = [t.reshape(-1) for t in random_layers([(n,) for n in sizes], [torch.float32] * 5, seed=4)]
     b = [t.reshape(-1) for t in random_layers([(n,) for n in sizes], [torch.bfloat16] * 5, seed=5)]
     origin = [t.reshape(-1) for t in random_layers([(n,) for n in sizes], [torch.float16] * 5, seed=6)]
-    rows = torch_backend.pair_raw_stats(a, b, origin, chunk_size=5)
+    rows = PAIR_RAW_STATS[backend](a, b, origin, chunk_size=5)
     stats = fgs.PairStats.from_rows(rows, [str(i) for i in range(len(sizes))])
     assert_matches_oracle(stats, a, b, origin, rtol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", NATIVE, "triton"])
 def test_dist_stays_accurate_when_a_is_almost_b(backend):
     generator = torch.Generator().manual_seed(7)
     a = torch.randn(4096, generator=generator)
@@ -491,7 +494,7 @@ def test_triton_backend_equals_torch_backend_through_the_public_call(with_origin
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", NATIVE, "triton"])
 def test_transposed_a_with_contiguous_b_pairs_elements_by_index(backend):
     generator = torch.Generator().manual_seed(36)
     weight = torch.randn(5, 3, generator=generator).to(DEVICE)

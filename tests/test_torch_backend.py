@@ -1,4 +1,5 @@
-"""The pure-PyTorch backend against an independent float64 numpy oracle (tests/oracle.py).
+"""The CPU backends (pure-PyTorch, the reference, and native, compiled C) against an independent float64
+numpy oracle (tests/oracle.py).
 
 Statistics agree to 2e-5 relative (sum and mean relative to Σ|x|), min/max/linf exactly, counts and
 histograms exactly; NaN/Inf/empty layers follow the contract of ``fgs.tensor_stats``.
@@ -17,10 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastgradstats as fgs
-from fastgradstats import torch_backend
+from fastgradstats import native_backend, torch_backend
 from fastgradstats.hist import HistSpec
 from fastgradstats.results import TensorStats
 
+CPU_BACKENDS = ("torch", "native")
+RAW_STATS = {"torch": torch_backend.raw_stats, "native": native_backend.raw_stats}
 RTOL = 2e-5
 NAN, INF = math.nan, math.inf
 FIELDS = oracle.COUNT_FIELDS + oracle.FLOAT_FIELDS
@@ -173,10 +176,11 @@ def assert_same_results(got: TensorStats, want: TensorStats) -> None:
 # ------------------------------------------------------------------------------------------ hypothesis
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @settings(max_examples=150)
 @given(tensors=tensor_lists(dtypes=ALL_DTYPES))
-def test_fields_match_float64_oracle(tensors):
-    stats = fgs.tensor_stats(tensors, backend="torch")
+def test_fields_match_float64_oracle(backend, tensors):
+    stats = fgs.tensor_stats(tensors, backend=backend)
     assert_stats_match_oracle(stats, tensors)
 
 
@@ -192,19 +196,21 @@ def test_fields_match_float64_oracle(tensors):
     ),
     chunk_size=st.sampled_from((1, 2, 7)),
 )
-def test_chunked_raw_stats_match_float64_oracle(tensors, spec, chunk_size):
-    raw = torch_backend.raw_stats(tensors, spec, chunk_size=chunk_size)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_chunked_raw_stats_match_float64_oracle(backend, tensors, spec, chunk_size):
+    raw = RAW_STATS[backend](tensors, spec, chunk_size=chunk_size)
     stats = TensorStats.from_raw(raw, [str(i) for i in range(len(tensors))], spec)
     assert_stats_match_oracle(stats, tensors)
     if spec is not None:
         assert_hists_match_oracle(stats, tensors, spec)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @settings(max_examples=100)
 @given(tensors=tensor_lists(dtypes=ALL_DTYPES), exps=log2_exponents)
-def test_log2_bins_match_frexp_exponents(tensors, exps):
+def test_log2_bins_match_frexp_exponents(backend, tensors, exps):
     min_exp, max_exp = exps
-    stats = fgs.tensor_stats(tensors, hist="log2", min_exp=min_exp, max_exp=max_exp, backend="torch")
+    stats = fgs.tensor_stats(tensors, hist="log2", min_exp=min_exp, max_exp=max_exp, backend=backend)
     assert_hists_match_oracle(stats, tensors, HistSpec.make("log2", min_exp=min_exp, max_exp=max_exp))
 
 
@@ -214,27 +220,30 @@ def test_log2_bins_match_frexp_exponents(tensors, exps):
     bins=st.integers(1, 70),
     hist_range=st.one_of(exact_ranges, any_ranges),
 )
-def test_linear_hist_with_range_matches_float32_bin_formula(data, bins, hist_range):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_hist_with_range_matches_float32_bin_formula(backend, data, bins, hist_range):
     lo, hi = hist_range
     # The range ends and midpoints are drawn as data too, to cover the edge rules.
     on_edges = (lo, hi, (lo + hi) / 2, lo + (hi - lo) / bins)
     tensors = data.draw(tensor_lists(dtypes=ALL_DTYPES, max_log10=4.5, extra_values=on_edges))
-    stats = fgs.tensor_stats(tensors, hist="linear", bins=bins, range=hist_range, backend="torch")
+    stats = fgs.tensor_stats(tensors, hist="linear", bins=bins, range=hist_range, backend=backend)
     assert_hists_match_oracle(stats, tensors, HistSpec.make("linear", bins=bins, range=hist_range))
 
 
 # Magnitudes stay below 2^24 here: constant layers of larger values have their own test (±1 lost in float32).
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @settings(max_examples=100)
 @given(tensors=tensor_lists(dtypes=ALL_DTYPES, max_log10=6.0), bins=st.integers(1, 70))
-def test_linear_hist_without_range_matches_float32_bin_formula(tensors, bins):
-    stats = fgs.tensor_stats(tensors, hist="linear", bins=bins, backend="torch")
+def test_linear_hist_without_range_matches_float32_bin_formula(backend, tensors, bins):
+    stats = fgs.tensor_stats(tensors, hist="linear", bins=bins, backend=backend)
     assert_hists_match_oracle(stats, tensors, HistSpec.make("linear", bins=bins))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @settings(max_examples=60)
 @given(tensors=tensor_lists(dtypes=ALL_DTYPES, max_log10=6.0), bins=st.integers(1, 70))
-def test_linear_hist_edges_span_each_layer_finite_range(tensors, bins):
-    stats = fgs.tensor_stats(tensors, hist="linear", bins=bins, backend="torch")
+def test_linear_hist_edges_span_each_layer_finite_range(backend, tensors, bins):
+    stats = fgs.tensor_stats(tensors, hist="linear", bins=bins, backend=backend)
     assert stats.hist_edges.dtype == torch.float32
     assert tuple(stats.hist_edges.shape) == (len(tensors), bins + 1)
     layers = [oracle.values(t) for t in tensors]
@@ -254,8 +263,9 @@ def test_linear_hist_edges_span_each_layer_finite_range(tensors, bins):
     tensors=tensor_lists(dtypes=(torch.float32,), kinds=("finite", "zeros"), max_log10=6.0),
     bins=st.integers(1, 70),
 )
-def test_linear_hist_without_range_equals_torch_histc(tensors, bins):
-    stats = fgs.tensor_stats(tensors, hist="linear", bins=bins, backend="torch")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_hist_without_range_equals_torch_histc(backend, tensors, bins):
+    stats = fgs.tensor_stats(tensors, hist="linear", bins=bins, backend=backend)
     for i, t in enumerate(tensors):
         assert torch.equal(stats.hist[i], torch.histc(t, bins).long()), f"layer {i}"
     assert torch.equal(
@@ -269,12 +279,13 @@ def test_linear_hist_without_range_equals_torch_histc(tensors, bins):
     bins=st.integers(1, 70),
     hist_range=st.one_of(exact_ranges, any_ranges),
 )
-def test_linear_hist_with_range_equals_torch_histc(data, bins, hist_range):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_hist_with_range_equals_torch_histc(backend, data, bins, hist_range):
     lo, hi = hist_range
     tensors = data.draw(
         tensor_lists(dtypes=(torch.float32,), max_log10=4.5, extra_values=(lo, hi, (lo + hi) / 2))
     )
-    stats = fgs.tensor_stats(tensors, hist="linear", bins=bins, range=hist_range, backend="torch")
+    stats = fgs.tensor_stats(tensors, hist="linear", bins=bins, range=hist_range, backend=backend)
     for i, t in enumerate(tensors):
         assert torch.equal(stats.hist[i], torch.histc(t, bins, min=lo, max=hi).long()), f"layer {i}"
     assert torch.equal(stats.total.hist, stats.hist.sum(0))
@@ -283,9 +294,10 @@ def test_linear_hist_with_range_equals_torch_histc(data, bins, hist_range):
 # -------------------------------------------------------------------------------------- explicit cases
 
 
-def test_fields_have_contract_dtypes_and_shapes():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fields_have_contract_dtypes_and_shapes(backend):
     stats = fgs.tensor_stats(
-        [torch.randn(4, 3), torch.randn(5).bfloat16()], names=["a", "b"], backend="torch"
+        [torch.randn(4, 3), torch.randn(5).bfloat16()], names=["a", "b"], backend=backend
     )
     assert stats.names == ["a", "b"] and len(stats) == 2
     for name in FIELDS:
@@ -297,10 +309,11 @@ def test_fields_have_contract_dtypes_and_shapes():
     assert stats.hist is None and stats.hist_edges is None and stats.total.hist is None
 
 
-def test_empty_tensor_keeps_its_slot_with_zero_sums_and_nan_moments():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_tensor_keeps_its_slot_with_zero_sums_and_nan_moments(backend):
     full = torch.tensor([1.0, -2.0, 0.0])
     tensors = [torch.empty(0), full, torch.empty(3, 0, 2, dtype=torch.bfloat16)]
-    stats = fgs.tensor_stats(tensors, hist="log2", backend="torch")
+    stats = fgs.tensor_stats(tensors, hist="log2", backend=backend)
     for i in (0, 2):
         assert stats.numel[i] == 0 and stats.zeros[i] == 0 and stats.nonfinite[i] == 0
         for name in ("sum", "l1", "l2", "linf"):
@@ -312,9 +325,10 @@ def test_empty_tensor_keeps_its_slot_with_zero_sums_and_nan_moments():
     assert_stats_match_oracle(stats, tensors)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("hist", [None, "log2", "linear"])
-def test_empty_list_gives_zero_layers(hist):
-    stats = fgs.tensor_stats([], hist=hist, bins=8, backend="torch")
+def test_empty_list_gives_zero_layers(backend, hist):
+    stats = fgs.tensor_stats([], hist=hist, bins=8, backend=backend)
     assert len(stats) == 0 and stats.names == []
     for name in FIELDS:
         assert tuple(getattr(stats, name).shape) == (0,), name
@@ -329,11 +343,12 @@ def test_empty_list_gives_zero_layers(hist):
         assert torch.equal(total.hist, torch.zeros(bins, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-def test_all_nan_layer_makes_float_fields_nan_and_counts_them(dtype):
+def test_all_nan_layer_makes_float_fields_nan_and_counts_them(backend, dtype):
     tensors = [torch.full((5,), NAN, dtype=dtype), torch.ones(2, dtype=dtype)]
     for hist in ("log2", "linear"):
-        stats = fgs.tensor_stats(tensors, hist=hist, bins=4, backend="torch")
+        stats = fgs.tensor_stats(tensors, hist=hist, bins=4, backend=backend)
         assert stats.nonfinite[0] == 5 and stats.zeros[0] == 0 and stats.numel[0] == 5
         for name in oracle.FLOAT_FIELDS:
             assert math.isnan(getattr(stats, name)[0].item()), name
@@ -342,8 +357,9 @@ def test_all_nan_layer_makes_float_fields_nan_and_counts_them(dtype):
         assert_stats_match_oracle(stats, tensors)
 
 
-def test_pos_and_neg_inf_in_one_layer_make_sum_nan_and_norms_inf():
-    stats = fgs.tensor_stats([torch.tensor([1.0, INF, -INF, 0.0])], hist="log2", backend="torch")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pos_and_neg_inf_in_one_layer_make_sum_nan_and_norms_inf(backend):
+    stats = fgs.tensor_stats([torch.tensor([1.0, INF, -INF, 0.0])], hist="log2", backend=backend)
     assert all(math.isnan(getattr(stats, name)[0].item()) for name in ("sum", "mean", "std"))
     assert stats.l1[0] == INF and stats.l2[0] == INF and stats.linf[0] == INF
     assert stats.min[0] == -INF and stats.max[0] == INF
@@ -351,26 +367,29 @@ def test_pos_and_neg_inf_in_one_layer_make_sum_nan_and_norms_inf():
     assert stats.hist[0].sum() == 1
 
 
-def test_one_signed_inf_makes_sum_inf_and_std_nan():
-    stats = fgs.tensor_stats([torch.tensor([1.0, -INF, 2.0])], backend="torch")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_one_signed_inf_makes_sum_inf_and_std_nan(backend):
+    stats = fgs.tensor_stats([torch.tensor([1.0, -INF, 2.0])], backend=backend)
     assert stats.sum[0] == -INF and stats.mean[0] == -INF and math.isnan(stats.std[0].item())
     assert stats.l1[0] == INF and stats.l2[0] == INF and stats.linf[0] == INF
     assert stats.min[0] == -INF and stats.max[0] == 2.0 and stats.nonfinite[0] == 1
 
 
-def test_nan_beside_inf_makes_norms_nan():
-    stats = fgs.tensor_stats([torch.tensor([INF, NAN, 1.0])], backend="torch")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_beside_inf_makes_norms_nan(backend):
+    stats = fgs.tensor_stats([torch.tensor([INF, NAN, 1.0])], backend=backend)
     assert all(math.isnan(getattr(stats, name)[0].item()) for name in oracle.FLOAT_FIELDS)
     assert stats.nonfinite[0] == 2
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("offset", [1.0, 100.0])
-def test_std_accurate_when_mean_dominates(offset):
+def test_std_accurate_when_mean_dominates(backend, offset):
     generator = torch.Generator().manual_seed(0)
     x = offset + 1e-3 * torch.randn(30011, generator=generator)
     want = oracle.stats(oracle.values(x))
     for chunk_size in (torch_backend.DEFAULT_CHUNK_SIZE, 1000):
-        stats = TensorStats.from_raw(torch_backend.raw_stats([x], chunk_size=chunk_size), ["x"], None)
+        stats = TensorStats.from_raw(RAW_STATS[backend]([x], chunk_size=chunk_size), ["x"], None)
         assert abs(stats.std[0].item() - want["std"]) <= RTOL * want["std"]
         assert abs(stats.mean[0].item() - want["mean"]) <= RTOL * want["mean"]
 
@@ -389,48 +408,52 @@ def _dense_views() -> dict[str, torch.Tensor]:
     }
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("hist", [None, "log2", "linear"])
 @pytest.mark.parametrize("view", list(_dense_views()))
-def test_non_contiguous_tensor_matches_its_contiguous_copy(view, hist):
+def test_non_contiguous_tensor_matches_its_contiguous_copy(backend, view, hist):
     x = _dense_views()[view]
     assert not x.is_contiguous()
     copy = x.contiguous()
-    stats = fgs.tensor_stats([x, x.half()], hist=hist, bins=9, backend="torch")
-    assert_same_results(stats, fgs.tensor_stats([copy, copy.half()], hist=hist, bins=9, backend="torch"))
+    stats = fgs.tensor_stats([x, x.half()], hist=hist, bins=9, backend=backend)
+    assert_same_results(stats, fgs.tensor_stats([copy, copy.half()], hist=hist, bins=9, backend=backend))
     spec = HistSpec.make(hist, bins=9)
     chunked = TensorStats.from_raw(
-        torch_backend.raw_stats([x, x.half()], spec, chunk_size=7), ["0", "1"], spec
+        RAW_STATS[backend]([x, x.half()], spec, chunk_size=7), ["0", "1"], spec
     )
     assert_same_results(chunked, stats)
     assert_stats_match_oracle(stats, [copy, copy.half()])
 
 
-def test_log2_hist_edges_are_powers_of_two():
-    stats = fgs.tensor_stats([torch.ones(3)], hist="log2", min_exp=-3, max_exp=2, backend="torch")
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_log2_hist_edges_are_powers_of_two(backend):
+    stats = fgs.tensor_stats([torch.ones(3)], hist="log2", min_exp=-3, max_exp=2, backend=backend)
     assert stats.hist_edges.tolist() == [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
     assert torch.equal(stats.total.hist_edges, stats.hist_edges)
-    default = fgs.tensor_stats([torch.ones(3)], hist="log2", backend="torch")
+    default = fgs.tensor_stats([torch.ones(3)], hist="log2", backend=backend)
     want = 2.0 ** np.arange(-48, 17, dtype=np.float64)
     assert tuple(default.hist_edges.shape) == (65,) and default.hist.shape[-1] == 64
     np.testing.assert_array_equal(default.hist_edges.double().numpy(), want)
 
 
-def test_log2_bins_at_power_of_two_boundaries_and_extremes():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_log2_bins_at_power_of_two_boundaries_and_extremes(backend):
     below_one = np.nextafter(np.float32(1.0), np.float32(0.0))
     values = [1.0, float(below_one), 2.0**-20, -(2.0**10), 1e-45, 1e-40, 2.0**-126, 3e38, -0.0, 6.0]
     x = torch.tensor(values, dtype=torch.float32)
-    stats = fgs.tensor_stats([x], hist="log2", min_exp=-126, max_exp=127, backend="torch")
+    stats = fgs.tensor_stats([x], hist="log2", min_exp=-126, max_exp=127, backend=backend)
     counts = dict(enumerate(stats.hist[0].tolist()))
     # bins are exponent + 126: 1 -> 0, just below 1 -> -1, subnormals clamp to -126, 3e38 -> 127, 6 -> 2.
     want = {126: 1, 125: 1, 106: 1, 136: 1, 0: 3, 253: 1, 128: 1}
     assert {b: c for b, c in counts.items() if c} == want
-    clamped = fgs.tensor_stats([x], hist="log2", min_exp=-4, max_exp=4, backend="torch")
+    clamped = fgs.tensor_stats([x], hist="log2", min_exp=-4, max_exp=4, backend=backend)
     assert clamped.hist[0].tolist() == [4, 0, 0, 1, 1, 0, 1, 0, 2]
 
 
-def test_linear_hist_edge_rules():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_hist_edge_rules(backend):
     x = torch.tensor([0.0, 0.25, 0.5, 0.999, 1.0, -0.001, 1.001, NAN, INF])
-    stats = fgs.tensor_stats([x], hist="linear", bins=4, range=(0.0, 1.0), backend="torch")
+    stats = fgs.tensor_stats([x], hist="linear", bins=4, range=(0.0, 1.0), backend=backend)
     assert stats.hist[0].tolist() == [
         1,
         1,
@@ -440,25 +463,28 @@ def test_linear_hist_edge_rules():
     assert stats.hist_edges[0].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("value", [1.0, -3.0, 1e7, 3e7, 1e15, -2.5e10])
-def test_linear_hist_of_a_constant_layer_matches_torch_histc(value):
+def test_linear_hist_of_a_constant_layer_matches_torch_histc(backend, value):
     x = torch.full((3,), value)
-    stats = fgs.tensor_stats([x, torch.tensor([NAN])], hist="linear", bins=5, backend="torch")
+    stats = fgs.tensor_stats([x, torch.tensor([NAN])], hist="linear", bins=5, backend=backend)
     assert torch.equal(stats.hist[0], torch.histc(x, 5).long())
     assert stats.hist[0].sum() == 3 and stats.total.hist.sum() == 3
     assert stats.hist[1].sum() == 0 and stats.hist_edges[1, 0] == -1.0 and stats.hist_edges[1, -1] == 1.0
 
 
-def test_linear_hist_counts_float64_values_whose_range_collapses_in_float32():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_linear_hist_counts_float64_values_whose_range_collapses_in_float32(backend):
     # Distinct float64 min and max that round to one float32 value: every finite value is still counted once.
     x = torch.tensor([0.1, 0.1 + 1e-12], dtype=torch.float64)
-    stats = fgs.tensor_stats([x], hist="linear", bins=4, backend="torch")
+    stats = fgs.tensor_stats([x], hist="linear", bins=4, backend=backend)
     assert stats.hist[0].sum() == 2 and stats.total.hist.sum() == 2
 
 
-def test_to_dict_holds_plain_python_values():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_to_dict_holds_plain_python_values(backend):
     tensors = [torch.tensor([1.0, NAN]), torch.randn(3, 2), torch.empty(0, dtype=torch.float16)]
-    result = fgs.tensor_stats(tensors, names=["w", "b", "e"], hist="log2", backend="torch").to_dict()
+    result = fgs.tensor_stats(tensors, names=["w", "b", "e"], hist="log2", backend=backend).to_dict()
     assert set(result) == {"layers", "total"} and list(result["layers"]) == ["w", "b", "e"]
     for values in [*result["layers"].values(), result["total"]]:
         assert set(values) == {*FIELDS, "hist", "hist_edges"}
@@ -472,10 +498,11 @@ def test_to_dict_holds_plain_python_values():
     json.dumps(result)
 
 
-def test_table_lists_every_layer_and_a_total_line():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_table_lists_every_layer_and_a_total_line(backend):
     names = ["embed.weight", "blocks.0.attn.w_q", "head.bias"]
     tensors = [torch.randn(4, 3), torch.tensor([NAN, 1.0]), torch.empty(0)]
-    lines = fgs.tensor_stats(tensors, names=names, backend="torch").table().splitlines()
+    lines = fgs.tensor_stats(tensors, names=names, backend=backend).table().splitlines()
     assert len(lines) == 1 + len(names) + 1
     for name, line in zip(names, lines[1:-1], strict=True):
         assert line.split()[0] == name

@@ -1,0 +1,267 @@
+"""The "native" CPU backend: the one-pass C kernels of ``native_stats.c``, run on one thread per core.
+
+Same raw rows and histograms as the torch backend (the reference it is tested against), but each element is
+read once for all statistics and histograms, where the torch backend makes a pass per reduction. The C file
+is compiled on first use with the system's C compiler (``$CC``, else ``cc``; ``-O3 -march=native``) into
+``$FASTGRADSTATS_CACHE`` (default ``~/.cache/fastgradstats``) and loaded with ctypes, which releases the GIL
+during a call. Tensors are cut into chunks of ``chunk_size`` elements; each thread takes a contiguous range of
+chunks with about the same number of elements, each chunk writes its own row, and the rows are merged in
+chunk order, so results do not depend on the thread count. Sums are taken in float64.
+
+This is the default backend for CPU tensors whenever the compiler is there; ``backend="torch"`` or
+``FASTGRADSTATS_BACKEND=torch`` selects the reference instead.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import functools
+import hashlib
+import itertools
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .dense import flat_elements
+from .hist import HistSpec, linear_ranges
+from .rows import FIRST_MAX, PAIR_K, K, RawStats, empty_rows
+
+SOURCE = Path(__file__).with_name("native_stats.c")
+COMPILE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared")
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+HIST_KINDS = {None: 0, "log2": 1, "linear": 2}
+DEFAULT_CHUNK_SIZE = 1 << 16
+MIN_ELEMENTS_PER_THREAD = 1 << 18  # below this, handing work to another thread costs more than it saves
+
+_ADDRESS, _INT32, _INT64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
+_SIGNATURES = {
+    "fgs_tensor_stats": [_INT64, _INT64, _ADDRESS, _ADDRESS, _ADDRESS, _ADDRESS, _ADDRESS, _INT32, _INT32,
+                         _INT32, _ADDRESS, _ADDRESS],
+    "fgs_linear_hist": [_INT64, _INT64, _ADDRESS, _ADDRESS, _ADDRESS, _ADDRESS, _INT32, _ADDRESS, _INT64,
+                        _ADDRESS, _ADDRESS],
+    "fgs_pair_stats": [_INT64, _INT64, _ADDRESS, _ADDRESS, _ADDRESS, _ADDRESS, _ADDRESS, _ADDRESS],
+}
+
+
+def available() -> bool:
+    """True when the kernels are compiled (or compile now) and load."""
+    return _build()[0] is not None
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is False ("" when it is True)."""
+    return _build()[1]
+
+
+@functools.cache
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded kernels, "") or (None, why they could not be built)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None, "no C compiler found (set $CC or install gcc)"
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(COMPILE_FLAGS).encode(), compiler.encode(),
+                                     _cpu_signature()])).hexdigest()[:16]
+    path = _cache_dir() / f"native_stats-{key}.so"
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                built = Path(tmp) / path.name  # built aside, then renamed: concurrent builders never clash
+                subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(built)],
+                               check=True, capture_output=True, text=True)
+                os.replace(built, path)
+        library = ctypes.CDLL(str(path))
+    except subprocess.CalledProcessError as error:
+        return None, f"compiling {SOURCE.name} failed: {error.stderr.strip()}"
+    except OSError as error:
+        return None, f"building or loading {path} failed: {error}"
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, ctypes.c_int
+    return library, ""
+
+
+def _cache_dir() -> Path:
+    if "FASTGRADSTATS_CACHE" in os.environ:
+        return Path(os.environ["FASTGRADSTATS_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastgradstats"
+
+
+def _cpu_signature() -> bytes:
+    """What -march=native depends on: the architecture and the CPU's feature flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()} {flags}".encode()
+
+
+# ------------------------------------------------------------------------------------------ chunk tables
+
+
+class _Chunks:
+    """Chunks of up to ``chunk_size`` elements of the non-empty tensors of one or more parallel lists.
+
+    addresses: int64 [lists, C] address of each chunk's first element in each list;
+    dtypes: int32 [C, lists] dtype codes; numel: int64 [C]; layer: int64 [C] index of the chunk's tensor.
+    """
+
+    def __init__(self, lists: Sequence[Sequence[torch.Tensor]], chunk_size: int) -> None:
+        sizes = np.array([t.numel() for t in lists[0]], dtype=np.int64)
+        per_tensor = -(-sizes // chunk_size)  # empty tensors own no chunk
+        self.layer = np.repeat(np.arange(len(sizes), dtype=np.int64), per_tensor)
+        self.count = len(self.layer)
+        index_in_tensor = np.arange(self.count) - np.repeat(np.cumsum(per_tensor) - per_tensor, per_tensor)
+        start = index_in_tensor * chunk_size
+        self.numel = np.minimum(sizes[self.layer] - start, chunk_size)
+        self.addresses = np.zeros((len(lists), self.count), dtype=np.int64)
+        self.dtypes = np.zeros((self.count, len(lists)), dtype=np.int32)
+        for i, tensors in enumerate(lists):
+            addresses = np.array([t.data_ptr() for t in tensors], dtype=np.int64)
+            itemsizes = np.array([t.element_size() for t in tensors], dtype=np.int64)
+            codes = np.array([DTYPE_CODES[t.dtype] for t in tensors], dtype=np.int32)
+            self.addresses[i] = addresses[self.layer] + start * itemsizes[self.layer]
+            self.dtypes[:, i] = codes[self.layer]
+
+
+def _readable(t: torch.Tensor) -> torch.Tensor:
+    """t's elements as a dense 1-D CPU tensor of a dtype the kernels read."""
+    if t.device.type != "cpu":
+        raise ValueError(f"the native backend needs CPU tensors, got {t.device}")
+    if t.dtype not in DTYPE_CODES:
+        raise TypeError(f"the native backend reads float32/float64/bfloat16/float16, got {t.dtype}")
+    return flat_elements(t)
+
+
+def _ranges_by_thread(numel: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous chunk ranges [first, last) with about equal element counts, one per thread to use."""
+    total = int(numel.sum())
+    threads = max(1, min(torch.get_num_threads(), total // MIN_ELEMENTS_PER_THREAD))
+    ends = np.searchsorted(np.cumsum(numel), total * np.arange(1, threads) / threads) + 1
+    bounds = [0, *ends.tolist(), len(numel)]
+    return list(itertools.pairwise(bounds))
+
+
+@functools.cache
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fastgradstats")
+
+
+def _run(call: Callable[[int, int, int], int], ranges: list[tuple[int, int]]) -> None:
+    """call(thread, first, last) for each chunk range, in parallel threads; raises if a call failed."""
+    if len(ranges) == 1:
+        results = [call(0, *ranges[0])]
+    else:
+        results = list(_pool(len(ranges)).map(lambda item: call(item[0], *item[1]), enumerate(ranges)))
+    if any(result != 0 for result in results):
+        raise MemoryError("fastgradstats native backend: out of memory for its scratch buffers")
+
+
+def _kernels() -> ctypes.CDLL:
+    library, reason = _build()
+    if library is None:
+        raise RuntimeError(f"the native backend is unavailable: {reason}")
+    return library
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def raw_stats(
+    tensors: Sequence[torch.Tensor],
+    spec: HistSpec | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    before_ranges: Callable[[torch.Tensor], None] | None = None,
+) -> RawStats:
+    """Raw rows [L, K] (and histogram counts [L, B]) of CPU tensors, as :func:`torch_backend.raw_stats`.
+
+    ``before_ranges(rows)``, when given, is called on the rows before a linear histogram takes its ranges from
+    them (the distributed layer merges the maxima of all ranks there).
+    """
+    kernels = _kernels()
+    flats = [_readable(t) for t in tensors]
+    chunks = _Chunks([flats], chunk_size)
+    ranges = _ranges_by_thread(chunks.numel)
+    num_layers, bins = len(flats), spec.bins if spec else 0
+    one_pass_hist = spec is not None and (spec.kind == "log2" or spec.range is not None)
+    chunk_rows = np.empty((chunks.count, K), dtype=np.float64)
+    hist = np.zeros((len(ranges), num_layers, bins), dtype=np.int64)
+    hist_kind = HIST_KINDS[spec.kind if one_pass_hist else None]
+    layer_ranges = (np.tile(np.array(spec.range, dtype=np.float32), (num_layers, 1))
+                    if one_pass_hist and spec.kind == "linear" else None)
+
+    def stats(thread: int, first: int, last: int) -> int:
+        return kernels.fgs_tensor_stats(
+            first, last, chunks.addresses[0].ctypes.data, chunks.numel.ctypes.data, chunks.dtypes.ctypes.data,
+            chunks.layer.ctypes.data, chunk_rows.ctypes.data, hist_kind, bins, spec.min_exp if spec else 0,
+            _address(layer_ranges), hist[thread].ctypes.data)
+
+    _run(stats, ranges)
+    rows = torch.from_numpy(_merge(chunk_rows, chunks.layer, empty_rows(num_layers).numpy(), FIRST_MAX))
+    total_hist = None
+    if spec is not None and not one_pass_hist:
+        if before_ranges is not None:
+            before_ranges(rows)
+        all_ranges = np.ascontiguousarray(linear_ranges(spec, rows).numpy())
+        totals = np.zeros((len(ranges), bins), dtype=np.int64)
+
+        def linear_hist(thread: int, first: int, last: int) -> int:
+            return kernels.fgs_linear_hist(
+                first, last, chunks.addresses[0].ctypes.data, chunks.numel.ctypes.data,
+                chunks.dtypes.ctypes.data, chunks.layer.ctypes.data, bins, all_ranges.ctypes.data, num_layers,
+                hist[thread].ctypes.data, totals[thread].ctypes.data)
+
+        _run(linear_hist, ranges)
+        total_hist = torch.from_numpy(totals.sum(0))
+    return RawStats(rows, torch.from_numpy(hist.sum(0)) if spec else None, total_hist)
+
+
+def _address(array: np.ndarray | None) -> int | None:
+    return None if array is None else array.ctypes.data
+
+
+def _merge(chunk_rows: np.ndarray, layer: np.ndarray, rows: np.ndarray, first_max: int) -> np.ndarray:
+    """Merge chunk rows into their layers' rows in chunk order: the first ``first_max`` fields add, the rest
+    take the maximum."""
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN and overflow is inf, as in torch
+        np.add.at(rows[:, :first_max], layer, chunk_rows[:, :first_max])
+    np.maximum.at(rows[:, first_max:], layer, chunk_rows[:, first_max:])
+    return rows
+
+
+def pair_raw_stats(
+    a: Sequence[torch.Tensor],
+    b: Sequence[torch.Tensor],
+    origin: Sequence[torch.Tensor] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Pair rows float64 [L, PAIR_K] of CPU tensors a[i], b[i] (and origin[i]) with equal element counts, read
+    in matching element order, as :func:`torch_backend.pair_raw_stats`."""
+    kernels = _kernels()
+    lists = [[_readable(t) for t in tensors] for tensors in (a, b, *(() if origin is None else (origin,)))]
+    chunks = _Chunks(lists, chunk_size)
+    chunk_rows = np.empty((chunks.count, PAIR_K), dtype=np.float64)
+    dtypes = np.zeros((chunks.count, 3), dtype=np.int32)
+    dtypes[:, : len(lists)] = chunks.dtypes
+    origin_addresses = chunks.addresses[2] if origin is not None else np.zeros(chunks.count, dtype=np.int64)
+
+    def pairs(thread: int, first: int, last: int) -> int:
+        return kernels.fgs_pair_stats(
+            first, last, chunks.addresses[0].ctypes.data, chunks.addresses[1].ctypes.data,
+            origin_addresses.ctypes.data, dtypes.ctypes.data, chunks.numel.ctypes.data,
+            chunk_rows.ctypes.data)
+
+    _run(pairs, _ranges_by_thread(chunks.numel))
+    rows = np.zeros((len(lists[0]), PAIR_K), dtype=np.float64)
+    return torch.from_numpy(_merge(chunk_rows, chunks.layer, rows, PAIR_K))
