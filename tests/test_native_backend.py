@@ -1,0 +1,170 @@
+"""The native backend (compiled C) against the torch backend (the reference).
+
+The float64 oracle tests of test_torch_backend.py and test_pairs.py run on both CPU backends; here are the
+native backend's own seams: its 2048-element blocks and 16-element lanes, chunk and thread boundaries,
+outputs it must write in full, every fp16 and bf16 bit pattern, and building the library.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastgradstats import native_backend, torch_backend
+from fastgradstats.hist import HistSpec
+from fastgradstats.rows import PAIR_K, derive
+
+pytestmark = pytest.mark.skipif(not native_backend.available(), reason=native_backend.unavailable_reason())
+
+NAN, INF = math.nan, math.inf
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Around the kernel's lanes (16) and blocks (2048), and the chunk sizes used below.
+SIZES = (0, 1, 15, 16, 17, 2047, 2048, 2049, 0, 5003)
+SPECS = {
+    "none": None,
+    "log2": HistSpec.make("log2"),
+    "log2_narrow": HistSpec.make("log2", min_exp=-10, max_exp=3),
+    "linear_range": HistSpec.make("linear", bins=7, range=(-2.0, 2.0)),
+    "linear": HistSpec.make("linear", bins=5),
+    "linear_many_bins": HistSpec.make("linear", bins=1000),
+}
+
+
+def layers(dtype: torch.dtype, specials: bool, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(n, generator=generator).to(dtype) for n in SIZES]
+    if specials:  # on lane and block boundaries, and zeros of both signs
+        tensors[3][15] = INF
+        tensors[5][2046] = -INF
+        tensors[6][0], tensors[6][2047] = 0.0, -0.0
+        tensors[7][2048] = NAN
+        tensors[9][4096], tensors[9][7] = INF, 0.0
+    return tensors
+
+
+def assert_same_raw(got, want) -> None:
+    """Counts, extremes and histograms exact; sums, moments and norms to the reference's float32 rounding.
+
+    The statistics are compared, not the raw rows: Σx² may be NaN or Inf beside an Inf (rows.py)."""
+    got_stats, want_stats = derive(got.rows), derive(want.rows)
+    for name, want_value in want_stats.items():
+        if name in ("numel", "zeros", "nonfinite", "min", "max", "linf"):
+            assert torch.equal(got_stats[name].nan_to_num(), want_value.nan_to_num()), name
+        else:
+            torch.testing.assert_close(got_stats[name], want_value, rtol=1e-5, atol=1e-12, equal_nan=True,
+                                       msg=name)
+    for field in ("hist", "total_hist"):
+        if getattr(want, field) is None:
+            assert getattr(got, field) is None, field
+        else:
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+@pytest.fixture
+def many_threads(monkeypatch):
+    """Three threads even for small inputs, so thread ranges split layers and chunks."""
+    monkeypatch.setattr(native_backend, "MIN_ELEMENTS_PER_THREAD", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+
+
+@pytest.fixture
+def poisoned_numpy(monkeypatch):
+    """np.empty returns NaN-filled floats and minimum-value ints: output the kernels skip shows up."""
+    real_empty = np.empty
+
+    def empty(shape, dtype=float, **kwargs):
+        array = real_empty(shape, dtype=dtype, **kwargs)
+        array.fill(np.nan if np.dtype(dtype).kind == "f" else np.iinfo(dtype).min)
+        return array
+
+    monkeypatch.setattr(np, "empty", empty)
+
+
+@pytest.mark.usefixtures("many_threads", "poisoned_numpy")
+@pytest.mark.parametrize("specials", [False, True], ids=["finite", "specials"])
+@pytest.mark.parametrize("spec", list(SPECS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk_size", [7, 2048, 1 << 16])
+def test_raw_stats_equal_the_torch_backend(dtype, spec, specials, chunk_size):
+    tensors = layers(dtype, specials)
+    got = native_backend.raw_stats(tensors, SPECS[spec], chunk_size=chunk_size)
+    assert_same_raw(got, torch_backend.raw_stats(tensors, SPECS[spec]))
+
+
+@pytest.mark.parametrize("spec", ["log2", "linear"])
+def test_results_do_not_depend_on_the_thread_count(monkeypatch, spec):
+    tensors = layers(torch.float32, specials=False) + layers(torch.bfloat16, specials=True, seed=1)
+    one = native_backend.raw_stats(tensors, SPECS[spec], chunk_size=1000)
+    monkeypatch.setattr(native_backend, "MIN_ELEMENTS_PER_THREAD", 1)
+    for threads in (2, 5):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        several = native_backend.raw_stats(tensors, SPECS[spec], chunk_size=1000)
+        assert torch.equal(several.rows.nan_to_num(), one.rows.nan_to_num())
+        assert torch.equal(several.hist, one.hist)
+        assert several.total_hist is one.total_hist is None or torch.equal(several.total_hist, one.total_hist)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_16_bit_pattern_converts_exactly(dtype):
+    patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    finite = patterns[patterns.isfinite()]
+    rows = native_backend.pair_raw_stats([finite], [finite.float()])
+    assert rows[0, 4].item() == 0.0  # Σ(a - b)² with b converted by torch
+    got = native_backend.raw_stats([patterns], HistSpec.make("log2", min_exp=-126, max_exp=127))
+    assert_same_raw(got, torch_backend.raw_stats([patterns], HistSpec.make("log2", min_exp=-126, max_exp=127)))
+
+
+@pytest.mark.usefixtures("many_threads", "poisoned_numpy")
+@pytest.mark.parametrize("with_origin", [False, True], ids=["no-origin", "origin"])
+@pytest.mark.parametrize("chunk_size", [7, 1 << 16])
+def test_pair_rows_equal_the_torch_backend(with_origin, chunk_size):
+    a = layers(torch.float32, specials=False, seed=2)
+    b = [t.to(dtype) for t, dtype in zip(layers(torch.float32, False, seed=3), DTYPES * 3)]
+    origin = [t.to(dtype) for t, dtype in zip(layers(torch.float32, False, seed=4), DTYPES[::-1] * 3)]
+    origin = origin if with_origin else None
+    got = native_backend.pair_raw_stats(a, b, origin, chunk_size=chunk_size)
+    want = torch_backend.pair_raw_stats(a, b, origin)
+    assert got.shape == (len(a), PAIR_K) and got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-9)
+
+
+def test_transposed_and_strided_views_read_their_own_elements():
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(300, 70, generator=generator)
+    views = [weight.t(), weight[::3], weight[:, 5:9]]
+    got = native_backend.raw_stats(views, SPECS["log2"])
+    assert_same_raw(got, native_backend.raw_stats([v.contiguous() for v in views], SPECS["log2"]))
+    assert_same_raw(got, torch_backend.raw_stats(views, SPECS["log2"]))
+
+
+def test_non_cpu_tensors_are_refused():
+    with pytest.raises(ValueError, match="the native backend needs CPU tensors, got meta"):
+        native_backend.raw_stats([torch.empty(3, device="meta")])
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty library cache, and a build that forgets its result afterwards."""
+    monkeypatch.setenv("FASTGRADSTATS_CACHE", str(tmp_path))
+    native_backend._build.cache_clear()
+    yield tmp_path
+    native_backend._build.cache_clear()
+
+
+def test_library_is_built_once_into_the_cache(fresh_build, monkeypatch):
+    assert native_backend.available()
+    assert len(list(fresh_build.glob("native_stats-*.so"))) == 1
+    native_backend._build.cache_clear()
+    monkeypatch.setattr(native_backend.subprocess, "run", lambda *args, **kwargs: pytest.fail("rebuilt"))
+    assert native_backend.available()
+
+
+def test_a_failing_compiler_is_reported_not_raised(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "false")
+    assert not native_backend.available()
+    assert native_backend.unavailable_reason().startswith("compiling native_stats.c failed")
+    with pytest.raises(RuntimeError, match="the native backend is unavailable: compiling"):
+        native_backend.raw_stats([torch.ones(3)])
