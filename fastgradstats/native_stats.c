@@ -139,15 +139,10 @@ static void linear_bins(const double *x, int64_t n, const float *lo_hi, int32_t 
 }
 
 static void count_bins(const int32_t *bin, int64_t n, int32_t bins, uint32_t *counts) {
-    uint32_t *c0 = counts, *c1 = c0 + bins + 1, *c2 = c1 + bins + 1, *c3 = c2 + bins + 1;
     int64_t i = 0;
-    for (; i + COPIES <= n; i += COPIES) {
-        c0[bin[i]]++;
-        c1[bin[i + 1]]++;
-        c2[bin[i + 2]]++;
-        c3[bin[i + 3]]++;
-    }
-    for (; i < n; i++) c0[bin[i]]++;
+    for (; i + COPIES <= n; i += COPIES)
+        for (int c = 0; c < COPIES; c++) counts[c * (bins + 1) + bin[i + c]]++;
+    for (; i < n; i++) counts[bin[i]]++;
 }
 
 /* Adds the COPIES count arrays into hist[0:bins] and clears them. */
