@@ -15,6 +15,7 @@ setup(
     python_requires=">=3.10",
     packages=["fastgradstats", "fastgradstats.integrations", "fastgradstats.kernels"],
     package_dir={"fastgradstats": "fastgradstats", "fastgradstats.kernels": "kernels"},
+    package_data={"fastgradstats": ["native_stats.c"]},
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton>=3.3"],

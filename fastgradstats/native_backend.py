@@ -154,7 +154,8 @@ def _ranges_by_thread(numel: np.ndarray) -> list[tuple[int, int]]:
 
 
 @functools.cache
-def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+def _pool(threads: int, pid: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A pool per process: a forked child does not inherit its parent's threads."""
     return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="fastgradstats")
 
 
@@ -163,7 +164,8 @@ def _run(call: Callable[[int, int, int], int], ranges: list[tuple[int, int]]) ->
     if len(ranges) == 1:
         results = [call(0, *ranges[0])]
     else:
-        results = list(_pool(len(ranges)).map(lambda item: call(item[0], *item[1]), enumerate(ranges)))
+        pool = _pool(len(ranges), os.getpid())
+        results = list(pool.map(lambda item: call(item[0], *item[1]), enumerate(ranges)))
     if any(result != 0 for result in results):
         raise MemoryError("fastgradstats native backend: out of memory for its scratch buffers")
 

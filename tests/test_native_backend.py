@@ -8,6 +8,9 @@ outputs it must write in full, every fp16 and bf16 bit pattern, and building the
 from __future__ import annotations
 
 import math
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -113,8 +116,9 @@ def test_every_16_bit_pattern_converts_exactly(dtype):
     finite = patterns[patterns.isfinite()]
     rows = native_backend.pair_raw_stats([finite], [finite.float()])
     assert rows[0, 4].item() == 0.0  # Σ(a - b)² with b converted by torch
-    got = native_backend.raw_stats([patterns], HistSpec.make("log2", min_exp=-126, max_exp=127))
-    assert_same_raw(got, torch_backend.raw_stats([patterns], HistSpec.make("log2", min_exp=-126, max_exp=127)))
+    every_exponent = HistSpec.make("log2", min_exp=-126, max_exp=127)
+    got = native_backend.raw_stats([patterns], every_exponent)
+    assert_same_raw(got, torch_backend.raw_stats([patterns], every_exponent))
 
 
 @pytest.mark.usefixtures("many_threads", "poisoned_numpy")
@@ -168,3 +172,22 @@ def test_a_failing_compiler_is_reported_not_raised(fresh_build, monkeypatch):
     assert native_backend.unavailable_reason().startswith("compiling native_stats.c failed")
     with pytest.raises(RuntimeError, match="the native backend is unavailable: compiling"):
         native_backend.raw_stats([torch.ones(3)])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_computes_with_its_own_threads(many_threads):
+    # Ranges long enough that the parent's pool starts all three threads; once they are idle, a child that
+    # reused that pool (whose threads it does not have) would wait forever.
+    tensors = [torch.randn(1 << 22) for _ in range(3)]
+    want = native_backend.raw_stats(tensors).rows
+    time.sleep(0.2)
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(10)  # a hung child dies, and the parent reads nothing
+        rows = native_backend.raw_stats(tensors).rows
+        os.write(writer, b"1" if torch.equal(rows.nan_to_num(), want.nan_to_num()) else b"0")
+        os._exit(0)
+    os.close(writer)
+    assert os.read(reader, 1) == b"1"
+    os.waitpid(pid, 0)
