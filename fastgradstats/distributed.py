@@ -18,6 +18,7 @@ Inputs:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from .rows import FIRST_MAX, RawStats
 
 
+@functools.cache
 def _dtensor_type() -> type | None:
     try:
         from torch.distributed.tensor import DTensor

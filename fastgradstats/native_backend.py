@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dense import flat_elements
+from .dense import is_dense
 from .hist import HistSpec, linear_ranges
 from .rows import FIRST_MAX, PAIR_K, K, RawStats, empty_rows
 
@@ -136,12 +136,13 @@ class _Chunks:
 
 
 def _readable(t: torch.Tensor) -> torch.Tensor:
-    """t's elements as a dense 1-D CPU tensor of a dtype the kernels read."""
+    """t, or a contiguous copy if its elements do not fill a gap-free span from ``t.data_ptr()`` (the kernels
+    read that span in storage order)."""
     if t.device.type != "cpu":
         raise ValueError(f"the native backend needs CPU tensors, got {t.device}")
     if t.dtype not in DTYPE_CODES:
         raise TypeError(f"the native backend reads float32/float64/bfloat16/float16, got {t.dtype}")
-    return flat_elements(t)
+    return t if t.is_contiguous() or is_dense(t) else t.contiguous()
 
 
 def _ranges_by_thread(numel: np.ndarray) -> list[tuple[int, int]]:
