@@ -95,7 +95,7 @@ DTYPE_MIXES = {  # (a dtypes, b dtypes, origin dtypes), one per layer of ODD_SHA
 }
 
 
-# --- torch backend against the float64 oracle ---------------------------------------------------------------
+# --- CPU backends (torch, native) against the float64 oracle ------------------------------------------------
 
 
 @pytest.mark.parametrize("backend", ["torch", NATIVE])
