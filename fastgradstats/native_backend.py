@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -64,11 +65,11 @@ def unavailable_reason() -> str:
 @functools.cache
 def _build() -> tuple[ctypes.CDLL | None, str]:
     """(the loaded kernels, "") or (None, why they could not be built)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc")]
+    if compiler[0] is None:
         return None, "no C compiler found (set $CC or install gcc)"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(COMPILE_FLAGS).encode(), compiler.encode(),
+    command = [*compiler, *COMPILE_FLAGS, str(SOURCE), "-o"]
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(command).encode(),
                                      _cpu_signature()])).hexdigest()[:16]
     path = _cache_dir() / f"native_stats-{key}.so"
     try:
@@ -76,8 +77,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
                 built = Path(tmp) / path.name  # built aside, then renamed: concurrent builders never clash
-                subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", str(built)],
-                               check=True, capture_output=True, text=True)
+                subprocess.run([*command, str(built)], check=True, capture_output=True, text=True)
                 os.replace(built, path)
         library = ctypes.CDLL(str(path))
     except subprocess.CalledProcessError as error:

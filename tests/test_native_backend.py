@@ -191,3 +191,9 @@ def test_a_forked_child_computes_with_its_own_threads(many_threads):
     os.close(writer)
     assert os.read(reader, 1) == b"1"
     os.waitpid(pid, 0)
+
+
+def test_cc_may_carry_arguments(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "cc -DFASTGRADSTATS_UNUSED=1")
+    assert native_backend.available(), native_backend.unavailable_reason()
+    assert native_backend.raw_stats([torch.ones(3)]).rows[0, 1].item() == 3.0
