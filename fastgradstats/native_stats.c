@@ -61,40 +61,36 @@ static const double *as_double(const char *src, int32_t dtype, int64_t n, double
 
 static double max2(double a, double b) { return a > b ? a : b; }
 
+/* Per-lane partial moments; lane j takes elements j, j + LANES, ... of a block. */
+typedef struct {
+    double sum[LANES], sumsq[LANES], abssum[LANES], zeros[LANES], lo[LANES], hi[LANES];
+} Moments;
+
+static inline void add_moment(Moments *m, int j, double v) {
+    m->sum[j] += v;
+    m->sumsq[j] += v * v;
+    m->abssum[j] += fabs(v);
+    m->zeros[j] += v == 0.0;
+    m->lo[j] = v < m->lo[j] ? v : m->lo[j];
+    m->hi[j] = v > m->hi[j] ? v : m->hi[j];
+}
+
 /* Adds x[0:n]'s Σx, Σx², Σ|x| and zero count to row, and its maxima to the MAX and NEG_MIN fields.
    A NaN leaves the maxima unspecified (rows.py) but reaches the sums. */
 static void add_moments(const double *restrict x, int64_t n, double *restrict row) {
-    double sum[LANES] = {0}, sumsq[LANES] = {0}, abssum[LANES] = {0}, zeros[LANES] = {0};
-    double lo[LANES], hi[LANES];
-    for (int j = 0; j < LANES; j++) lo[j] = INFINITY, hi[j] = -INFINITY;
+    Moments m = {0};
+    for (int j = 0; j < LANES; j++) m.lo[j] = INFINITY, m.hi[j] = -INFINITY;
     int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        for (int j = 0; j < LANES; j++) {
-            double v = x[i + j];
-            sum[j] += v;
-            sumsq[j] += v * v;
-            abssum[j] += fabs(v);
-            zeros[j] += v == 0.0;
-            lo[j] = v < lo[j] ? v : lo[j];
-            hi[j] = v > hi[j] ? v : hi[j];
-        }
-    }
-    for (int j = 0; i < n; i++, j++) {
-        double v = x[i];
-        sum[j] += v;
-        sumsq[j] += v * v;
-        abssum[j] += fabs(v);
-        zeros[j] += v == 0.0;
-        lo[j] = v < lo[j] ? v : lo[j];
-        hi[j] = v > hi[j] ? v : hi[j];
-    }
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) add_moment(&m, j, x[i + j]);
+    for (int j = 0; i < n; i++, j++) add_moment(&m, j, x[i]);
     for (int j = 0; j < LANES; j++) {
-        row[SUM] += sum[j];
-        row[SUMSQ] += sumsq[j];
-        row[ABSSUM] += abssum[j];
-        row[ZEROS] += zeros[j];
-        row[MAX] = max2(row[MAX], hi[j]);
-        row[NEG_MIN] = max2(row[NEG_MIN], -lo[j]);
+        row[SUM] += m.sum[j];
+        row[SUMSQ] += m.sumsq[j];
+        row[ABSSUM] += m.abssum[j];
+        row[ZEROS] += m.zeros[j];
+        row[MAX] = max2(row[MAX], m.hi[j]);
+        row[NEG_MIN] = max2(row[NEG_MIN], -m.lo[j]);
     }
 }
 
@@ -221,32 +217,32 @@ int fgs_linear_hist(int64_t first, int64_t last, const int64_t *addr, const int6
     return 0;
 }
 
+/* Per-lane partial pair sums, lanes as in Moments. */
+typedef struct {
+    double dot[LANES], aa[LANES], bb[LANES], dd[LANES];
+} PairSums;
+
+static inline void add_pair(PairSums *p, int j, double a, double b, double o) {
+    double x = a - o, y = b - o, d = a - b;
+    p->dot[j] += x * y;
+    p->aa[j] += x * x;
+    p->bb[j] += y * y;
+    p->dd[j] += d * d;
+}
+
 /* Adds the pair sums of a[0:n], b[0:n] and origin o[0:n] to row (layout of rows.py). */
 static void add_pair_sums(const double *restrict a, const double *restrict b, const double *restrict o,
                           int64_t n, double *restrict row) {
-    double dot[LANES] = {0}, aa[LANES] = {0}, bb[LANES] = {0}, dd[LANES] = {0};
+    PairSums p = {0};
     int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        for (int j = 0; j < LANES; j++) {
-            double x = a[i + j] - o[i + j], y = b[i + j] - o[i + j], d = a[i + j] - b[i + j];
-            dot[j] += x * y;
-            aa[j] += x * x;
-            bb[j] += y * y;
-            dd[j] += d * d;
-        }
-    }
-    for (int j = 0; i < n; i++, j++) {
-        double x = a[i] - o[i], y = b[i] - o[i], d = a[i] - b[i];
-        dot[j] += x * y;
-        aa[j] += x * x;
-        bb[j] += y * y;
-        dd[j] += d * d;
-    }
+    for (; i + LANES <= n; i += LANES)
+        for (int j = 0; j < LANES; j++) add_pair(&p, j, a[i + j], b[i + j], o[i + j]);
+    for (int j = 0; i < n; i++, j++) add_pair(&p, j, a[i], b[i], o[i]);
     for (int j = 0; j < LANES; j++) {
-        row[DOT] += dot[j];
-        row[AA] += aa[j];
-        row[BB] += bb[j];
-        row[DD] += dd[j];
+        row[DOT] += p.dot[j];
+        row[AA] += p.aa[j];
+        row[BB] += p.bb[j];
+        row[DD] += p.dd[j];
     }
 }
 
