@@ -15,6 +15,7 @@ from .results import TensorStats
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
+Parameters = NamedTensors | Iterable[torch.Tensor]
 
 
 def tensor_stats(
@@ -58,40 +59,76 @@ def tensor_stats(
     return TensorStats.from_raw(dispatch.raw_stats(local, spec, backend, reducer), names, spec)
 
 
-def grad_stats(model_or_named_parameters: torch.nn.Module | NamedTensors, **kwargs) -> TensorStats:
-    """``tensor_stats`` of the gradients: layers are the named parameters whose ``.grad`` is set, in
-    ``named_parameters()`` order, named by their parameter names. Keyword arguments as in ``tensor_stats``.
+def grad_stats(model_or_named_parameters: torch.nn.Module | Parameters, **kwargs) -> TensorStats:
+    """``tensor_stats`` of the gradients: layers are the parameters whose ``.grad`` is set, in order.
+
+    Takes a model (layers named by ``named_parameters()``), (name, parameter) pairs, or the parameters
+    themselves (``model.parameters()``, a list of tensors): these are named "0", "1", ... by their position
+    among all the parameters passed, so a parameter keeps its name whether or not the others have a grad.
+    Keyword arguments as in ``tensor_stats``.
 
     Example::
 
         loss.backward()
         stats = fgs.grad_stats(model, hist="log2")
         stats.l2            # per-layer gradient norms, on the device
+        fgs.grad_stats(model.parameters()).names   # ["0", "1", ...], skipping those without a grad
     """
     named = _named_parameters(model_or_named_parameters, "grad_stats")
     pairs = [(name, p.grad) for name, p in named if p.grad is not None]
     return tensor_stats([g for _, g in pairs], [name for name, _ in pairs], **kwargs)
 
 
-def param_stats(model_or_named_parameters: torch.nn.Module | NamedTensors, **kwargs) -> TensorStats:
-    """``tensor_stats`` of the parameter values (every named parameter). Keyword arguments as in
-    ``tensor_stats``."""
+def param_stats(model_or_named_parameters: torch.nn.Module | Parameters, **kwargs) -> TensorStats:
+    """``tensor_stats`` of the parameter values (every parameter).
+
+    Takes a model (layers named by ``named_parameters()``), (name, parameter) pairs, or the parameters
+    themselves (``model.parameters()``, a list of tensors), named "0", "1", ... in order. Keyword arguments as
+    in ``tensor_stats``.
+    """
     named = _named_parameters(model_or_named_parameters, "param_stats")
     return tensor_stats([p.detach() for _, p in named], [name for name, _ in named], **kwargs)
 
 
-def _named_parameters(obj: torch.nn.Module | NamedTensors, caller: str) -> list[tuple[str, torch.Tensor]]:
+def _named_parameters(obj: torch.nn.Module | Parameters, caller: str) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) pairs of a model, of named pairs, or of bare parameters named by position."""
     if isinstance(obj, torch.nn.Module):
         return list(obj.named_parameters())
-    if isinstance(obj, torch.Tensor) or not isinstance(obj, Iterable):
-        raise TypeError(f"{caller}: expected an nn.Module or (name, parameter) pairs, "
-                        f"got {type(obj).__name__}")
-    named = list(obj)
-    for item in named:
-        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
-            raise TypeError(f"{caller}: expected (name, parameter) pairs, "
-                            f"got an item of type {type(item).__name__}")
-    return named
+    expected = f"{caller}: expected an nn.Module, parameters or (name, parameter) pairs"
+    if isinstance(obj, (torch.Tensor, str)) or not isinstance(obj, Iterable):
+        raise TypeError(f"{expected}, got {type(obj).__name__}")
+    items = list(obj)
+    for item in items:
+        if not (isinstance(item, torch.Tensor) or _is_named_pair(item)):
+            raise TypeError(f"{expected}, got an item of type {type(item).__name__}")
+    bare = [isinstance(item, torch.Tensor) for item in items]
+    if all(bare):
+        return [(str(i), tensor) for i, tensor in enumerate(items)]
+    if any(bare):
+        raise TypeError(f"{caller}: expected parameters or (name, parameter) pairs, not a mix of both")
+    return items
+
+
+def _is_named_pair(item: object) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+
+
+def _check_names(names: Sequence[str] | None, count: int, caller: str) -> list[str]:
+    """``count`` unique str layer names (default "0", "1", ...); TypeError or ValueError names the culprit."""
+    if isinstance(names, str):
+        raise TypeError(f"{caller}: names must be a sequence of str, got the str {names!r}")
+    if names is None:
+        return [str(i) for i in range(count)]
+    names = list(names)
+    if len(names) != count:
+        raise ValueError(f"{caller}: {len(names)} names for {count} tensors")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"{caller}: layer names must be str, got {name!r}")
+    if len(set(names)) != len(names):
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise ValueError(f"{caller}: layer name '{duplicate}' appears more than once")
+    return names
 
 
 def _validate(
@@ -100,20 +137,7 @@ def _validate(
     if isinstance(tensors, (torch.Tensor, str)) or not isinstance(tensors, Iterable):
         raise TypeError(f"{caller}: tensors must be a sequence of tensors, got {type(tensors).__name__}")
     tensors = list(tensors)
-    if isinstance(names, str):
-        raise TypeError(f"{caller}: names must be a sequence of str, got the str {names!r}")
-    if names is None:
-        names = [str(i) for i in range(len(tensors))]
-    else:
-        names = list(names)
-        if len(names) != len(tensors):
-            raise ValueError(f"{caller}: {len(names)} names for {len(tensors)} tensors")
-        for name in names:
-            if not isinstance(name, str):
-                raise TypeError(f"{caller}: layer names must be str, got {name!r}")
-        if len(set(names)) != len(names):
-            duplicate = next(name for name in names if names.count(name) > 1)
-            raise ValueError(f"{caller}: layer name '{duplicate}' appears more than once")
+    names = _check_names(names, len(tensors), caller)
     for name, t in zip(names, tensors):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{caller}: layer '{name}' is a {type(t).__name__}, not a torch.Tensor")

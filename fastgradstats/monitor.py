@@ -33,6 +33,8 @@ import torch
 
 from .alerts import Alert, AlertConfig, AlertFlags, AlertTracker
 from .api import grad_stats, param_stats
+from .dispatch import resolve_backend
+from .hist import HistSpec
 from .pairs import pair_stats
 from .results import LayerStats, PairStats
 
@@ -83,10 +85,13 @@ class Monitor:
         every: track steps 1, 1 + every, 1 + 2·every, ... (counting calls of ``step()``).
         hist: histogram of the grad/param statistics: "log2" (default), "linear" or None.
         track: any of "grad", "param", "update", "grad_cos", "init".
-        sinks: objects with ``write(record)`` and ``close()`` (see :mod:`fastgradstats.sinks`).
+        sinks: a list of objects with ``write(record)`` and ``close()`` (see :mod:`fastgradstats.sinks`).
         alerts: compute gradient alerts (needs "grad"); ``alert_config`` sets their thresholds.
         history: how many records ``monitor.history`` keeps (the oldest are dropped).
         backend: statistics backend, as in ``tensor_stats``.
+
+    Raises TypeError or ValueError at construction for a bad argument: ``hist``, ``backend`` (checked
+    against the device of the model's parameters) and ``sinks`` included.
     """
 
     def __init__(
@@ -104,7 +109,8 @@ class Monitor:
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Monitor: model must be an nn.Module, got {type(model).__name__}")
-        if not any(True for _ in model.parameters()):
+        first_parameter = next(model.parameters(), None)
+        if first_parameter is None:
             raise ValueError(f"Monitor: the model ({type(model).__name__}) has no parameters")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"Monitor: every must be an int >= 1, got {every!r}")
@@ -112,7 +118,9 @@ class Monitor:
         unknown = [kind for kind in track if kind not in TRACK_CHOICES]
         if unknown or not track:
             raise ValueError(f"Monitor: track must be a non-empty subset of {TRACK_CHOICES}, got {track!r}")
-        self.sinks = list(sinks)
+        HistSpec.make(hist)
+        resolve_backend(backend, first_parameter.device)
+        self.sinks = _sink_list(sinks)
         for sink in self.sinks:
             if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
                 raise TypeError(f"Monitor: a sink needs write(record) and close() methods, got {sink!r}")
@@ -201,6 +209,16 @@ class Monitor:
 
     def _copy_params(self) -> list[tuple[str, torch.Tensor]]:
         return [(name, p.detach().clone()) for name, p in self.model.named_parameters()]
+
+
+def _sink_list(sinks: Iterable) -> list:
+    """``sinks`` as a list, or a TypeError when one sink (or another non-iterable) came instead of a list."""
+    if callable(getattr(sinks, "write", None)) and callable(getattr(sinks, "close", None)):
+        raise TypeError(f"Monitor: sinks must be a list of sinks; pass [{type(sinks).__name__}(...)], "
+                        "not the sink itself")
+    if isinstance(sinks, str) or not isinstance(sinks, Iterable):
+        raise TypeError(f"Monitor: sinks must be a list of sinks, got {type(sinks).__name__} {sinks!r}")
+    return list(sinks)
 
 
 def _pairs(now: list[tuple[str, torch.Tensor]], before: list[tuple[str, torch.Tensor]], backend) -> PairStats:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from . import dispatch
-from .api import SUPPORTED_DTYPES
+from .api import SUPPORTED_DTYPES, _check_names
 from .dense import flat_elements
 from .distributed import localize, same_sharding
 from .results import PairStats
@@ -33,12 +33,17 @@ def pair_stats(
     Args:
         a, b: equally long sequences of tensors with matching shapes (dtypes may differ between the lists), or
             two models / state_dicts matched by name (model parameters; floating-point state_dict entries,
-            so integer buffers such as ``num_batches_tracked`` are skipped). Layers follow a's order.
-        names: layer names for sequences (default "0", "1", ...); models and state_dicts bring their own.
+            so integer buffers such as ``num_batches_tracked`` are skipped). Layers follow a's order. When a,
+            b or origin is a model, the other sides' state_dicts are compared on its parameters: their
+            entries that are buffers of the model (BatchNorm's ``running_mean``) or aliases of its tied
+            parameters (``out.weight`` when it is ``emb.weight``, which ``named_parameters()`` lists once)
+            are skipped.
+        names: L unique layer names for sequences (default "0", "1", ...); models and state_dicts bring their
+            own.
         origin: optional third set like a; directions are then measured from it (a' = a - origin,
             b' = b - origin, formed inside the kernel, never materialised).
-        strict: with models / state_dicts, a name present in only one of them (or missing from origin) raises
-            ValueError; with ``strict=False`` such layers are skipped.
+        strict: with models / state_dicts, a name present in only one of them (or missing from origin), after
+            the skips above, raises ValueError; with ``strict=False`` such layers are skipped.
         backend: None (auto), "torch" or "triton".
         group: for plain tensors sharded by hand across this process group (see ``tensor_stats``). DTensors
             need no group; a, b and origin must then be sharded alike.
@@ -98,14 +103,28 @@ def cosine_similarity(
     return pair_stats(a, b, origin=origin, strict=strict, backend=backend, group=group).total.cos
 
 
-def _named(tensors: TensorSet) -> dict[str, torch.Tensor] | None:
-    """name -> tensor for a model or state_dict; None for a plain sequence."""
+def _named(tensors: TensorSet, not_parameters: set[str]) -> dict[str, torch.Tensor] | None:
+    """name -> tensor for a model (its parameters) or a state_dict (its floating-point entries, less those
+    named in ``not_parameters``); None for a plain sequence."""
     if isinstance(tensors, torch.nn.Module):
         return {name: p.detach() for name, p in tensors.named_parameters()}
     if isinstance(tensors, Mapping):
-        return {name: t for name, t in tensors.items()
-                if not isinstance(t, torch.Tensor) or t.is_floating_point()}
+        return {name: t for name, t in tensors.items() if name not in not_parameters
+                and (not isinstance(t, torch.Tensor) or t.is_floating_point())}
     return None
+
+
+def _not_parameters(tensor_sets: Iterable[TensorSet | None]) -> set[str]:
+    """The state_dict names of the models among ``tensor_sets`` that are not in their ``named_parameters()``:
+    buffers, and the aliases of tied parameters (one Parameter registered under several names)."""
+    names: set[str] = set()
+    for module in tensor_sets:
+        if isinstance(module, torch.nn.Module):
+            parameters = dict(module.named_parameters())
+            names.update(name for name, _ in module.named_parameters(remove_duplicate=False)
+                         if name not in parameters)
+            names.update(name for name, _ in module.named_buffers(remove_duplicate=False))
+    return names
 
 
 def _as_list(tensors: TensorSet, argument: str) -> list:
@@ -117,16 +136,15 @@ def _as_list(tensors: TensorSet, argument: str) -> list:
 
 def _match(a, b, origin, names, strict):
     """Layer names and the aligned tensor lists of a, b and origin (None when absent)."""
-    named_a, named_b = _named(a), _named(b)
+    not_parameters = _not_parameters((a, b, origin))
+    named_a, named_b = _named(a, not_parameters), _named(b, not_parameters)
     if (named_a is None) != (named_b is None):
         raise TypeError("pair_stats: a and b must both be models/state_dicts or both be sequences of tensors")
     if named_a is None:
         a_list, b_list = _as_list(a, "a"), _as_list(b, "b")
         if len(a_list) != len(b_list):
             raise ValueError(f"pair_stats: a has {len(a_list)} tensors but b has {len(b_list)}")
-        names = [str(i) for i in range(len(a_list))] if names is None else list(names)
-        if len(names) != len(a_list):
-            raise ValueError(f"pair_stats: {len(names)} names for {len(a_list)} layers")
+        names = _check_names(names, len(a_list), "pair_stats")
         origin_list = None if origin is None else _as_list(origin, "origin")
         if origin_list is not None and len(origin_list) != len(a_list):
             raise ValueError(f"pair_stats: origin has {len(origin_list)} tensors but a has {len(a_list)}")
@@ -134,7 +152,7 @@ def _match(a, b, origin, names, strict):
 
     if names is not None:
         raise ValueError("pair_stats: names are taken from the models/state_dicts; do not pass names")
-    named_origin = None if origin is None else _named(origin)
+    named_origin = None if origin is None else _named(origin, not_parameters)
     if origin is not None and named_origin is None:
         raise TypeError("pair_stats: origin must be a model/state_dict when a and b are")
     only_a = [n for n in named_a if n not in named_b]

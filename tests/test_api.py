@@ -239,14 +239,44 @@ def test_grad_stats_before_backward_is_empty():
     assert stats.total.numel.item() == 0 and stats.total.l2.item() == 0.0
 
 
+def test_grad_stats_takes_a_parameter_iterator_named_by_position_among_all_parameters():
+    net = trained_net()
+    stats = fgs.grad_stats(net.parameters())
+    assert stats.names == ["1", "2", "5", "6"]  # frozen (0) and unused (3, 4) have no grad
+    assert torch.equal(stats.rows, fgs.grad_stats(net).rows)
+
+
+def test_param_stats_takes_a_parameter_iterator_named_by_position():
+    net = trained_net()
+    stats = fgs.param_stats(net.parameters())
+    assert stats.names == ["0", "1", "2", "3", "4", "5", "6"]
+    assert torch.equal(stats.rows, fgs.param_stats(net).rows)
+
+
+def test_param_stats_takes_a_list_of_tensors_named_by_position():
+    stats = fgs.param_stats(layers())
+    assert stats.names == ["0", "1", "2"]
+    assert torch.equal(stats.rows, fgs.tensor_stats(layers()).rows)
+
+
 @pytest.mark.parametrize("call", [fgs.grad_stats, fgs.param_stats])
-def test_stats_of_a_tensor_or_bad_pairs_are_rejected(call):
-    with pytest.raises(TypeError,
-                       match=rf"{call.__name__}: expected an nn.Module or \(name, parameter\) pairs"):
+def test_mixing_parameters_and_named_pairs_is_rejected(call):
+    net = trained_net()
+    mixed = [net.head.weight, ("head.bias", net.head.bias)]
+    expected = rf"{call.__name__}: expected parameters or \(name, parameter\) pairs, not a mix of both"
+    with pytest.raises(TypeError, match=expected):
+        call(mixed)
+
+
+@pytest.mark.parametrize("call", [fgs.grad_stats, fgs.param_stats])
+def test_stats_of_a_tensor_or_bad_items_are_rejected(call):
+    expected = rf"{call.__name__}: expected an nn.Module, parameters or \(name, parameter\) pairs"
+    with pytest.raises(TypeError, match=rf"{expected}, got Tensor"):
         call(torch.ones(3))
-    with pytest.raises(TypeError,
-                       match=rf"{call.__name__}: expected \(name, parameter\) pairs, got an item of type"):
-        call([torch.ones(3)])
+    with pytest.raises(TypeError, match=rf"{expected}, got an item of type float"):
+        call([torch.ones(3), 1.5])
+    with pytest.raises(TypeError, match=rf"{expected}, got an item of type tuple"):
+        call([(3, torch.ones(3))])
 
 
 def test_param_stats_covers_every_parameter():

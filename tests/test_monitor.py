@@ -210,11 +210,26 @@ def test_stepping_a_closed_monitor_raises():
         ({"track": ("grad", "weights")}, ValueError, "track"),
         ({"track": ()}, ValueError, "track"),
         ({"sinks": [object()]}, TypeError, "sink"),
+        ({"hist": "log"}, ValueError, "hist must be None, 'log2' or 'linear', got 'log'"),
+        ({"backend": "cuda"}, ValueError, "backend must be None, 'torch', 'native' or 'triton'"),
+        ({"sinks": 3}, TypeError, "sinks must be a list of sinks"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         fgs.Monitor(make_model(), **kwargs)
+
+
+def test_backend_is_checked_against_the_models_device():
+    with pytest.raises(ValueError, match="backend 'native' needs CPU tensors, got meta"):
+        fgs.Monitor(make_model().to("meta"), backend="native")
+
+
+def test_a_single_sink_instead_of_a_list_is_rejected_with_a_hint(tmp_path):
+    sink = fgs.sinks.JSONL(tmp_path / "stats.jsonl")
+    with pytest.raises(TypeError, match=r"sinks must be a list of sinks; pass \[JSONL\(...\)\]"):
+        fgs.Monitor(make_model(), sinks=sink)
+    sink.close()
 
 
 def test_model_without_parameters_is_rejected():

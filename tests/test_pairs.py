@@ -405,6 +405,104 @@ def test_origin_missing_a_name_is_named_or_skipped():
     assert fgs.pair_stats(a, b, origin={"w": torch.ones(3)}, strict=False).names == ["w"]
 
 
+class TiedNet(torch.nn.Module):
+    """An embedding tied to the output layer (one Parameter, two state_dict keys) and a BatchNorm (float
+    buffers in the state_dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 6)
+        self.norm = torch.nn.BatchNorm1d(6)
+        self.out = torch.nn.Linear(6, 10, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.out(self.norm(self.emb(tokens)))
+
+
+def tied_net_and_a_trained_copy() -> tuple[TiedNet, TiedNet]:
+    """A TiedNet and a copy after one SGD step (parameters and running statistics both moved)."""
+    torch.manual_seed(33)
+    model = TiedNet().to(DEVICE)
+    trained = copy.deepcopy(model)
+    trained(torch.randint(0, 10, (16,), device=DEVICE)).square().mean().backward()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p -= 0.1 * p.grad
+    return model, trained
+
+
+def assert_same_pair_stats(got: fgs.PairStats, expected: fgs.PairStats) -> None:
+    assert got.names == expected.names
+    for field in FIELDS:
+        torch.testing.assert_close(getattr(got, field), getattr(expected, field), msg=field)
+        torch.testing.assert_close(getattr(got.total, field), getattr(expected.total, field), msg=field)
+
+
+def test_a_model_against_a_state_dict_skips_its_buffers_and_tied_aliases():
+    model, trained = tied_net_and_a_trained_copy()
+    state_dict = trained.state_dict()
+    assert {"norm.running_mean", "norm.running_var", "out.weight"} <= set(state_dict)
+    names = [name for name, _ in model.named_parameters()]
+    assert names == ["emb.weight", "norm.weight", "norm.bias"]
+    expected = fgs.pair_stats(list(model.parameters()), [state_dict[n] for n in names], names=names)
+    assert_same_pair_stats(fgs.pair_stats(model, state_dict), expected)
+    assert_same_pair_stats(fgs.pair_stats(model, copy.deepcopy(trained).state_dict()), expected)
+
+
+def test_a_state_dict_against_a_model_skips_its_buffers_and_tied_aliases():
+    model, trained = tied_net_and_a_trained_copy()
+    state_dict = trained.state_dict()
+    names = [name for name, _ in model.named_parameters()]
+    expected = fgs.pair_stats([state_dict[n] for n in names], list(model.parameters()), names=names)
+    assert_same_pair_stats(fgs.pair_stats(state_dict, model), expected)
+
+
+def test_a_parameter_missing_from_a_state_dict_against_a_model_is_named_or_skipped():
+    model, trained = tied_net_and_a_trained_copy()
+    state_dict = trained.state_dict()
+    del state_dict["norm.bias"]
+    with pytest.raises(ValueError, match=r"\(only in a: 'norm.bias'\)"):
+        fgs.pair_stats(model, state_dict)
+    assert fgs.pair_stats(model, state_dict, strict=False).names == ["emb.weight", "norm.weight"]
+
+
+def test_an_origin_state_dict_against_models_skips_their_buffers_and_tied_aliases():
+    init, trained = tied_net_and_a_trained_copy()
+    origin = init.state_dict()
+    names = [name for name, _ in init.named_parameters()]
+    expected = fgs.pair_stats(list(trained.parameters()), list(init.parameters()), names=names,
+                              origin=[origin[n] for n in names])
+    assert_same_pair_stats(fgs.pair_stats(trained, init, origin=origin), expected)
+    assert_same_pair_stats(fgs.pair_stats(trained, init.state_dict(), origin=origin), expected)
+    torch.testing.assert_close(fgs.cosine_similarity(trained, init.state_dict(), origin=origin),
+                               expected.total.cos)
+
+
+def test_a_parameter_missing_from_an_origin_state_dict_is_named_or_skipped():
+    init, trained = tied_net_and_a_trained_copy()
+    origin = init.state_dict()
+    del origin["emb.weight"]
+    with pytest.raises(ValueError, match=r"\(missing from origin: 'emb.weight'\)"):
+        fgs.pair_stats(trained, init.state_dict(), origin=origin)
+    stats = fgs.pair_stats(trained, init.state_dict(), origin=origin, strict=False)
+    assert stats.names == ["norm.weight", "norm.bias"]
+
+
+def test_duplicated_name_is_named():
+    layers = [torch.ones(2), torch.ones(3), torch.ones(4)]
+    with pytest.raises(ValueError, match="pair_stats: layer name 'w' appears more than once"):
+        fgs.pair_stats(layers, layers, names=["w", "b", "w"])
+
+
+def test_non_string_name_is_named():
+    layers = [torch.ones(2), torch.ones(3)]
+    with pytest.raises(TypeError, match="pair_stats: layer names must be str, got 7"):
+        fgs.pair_stats(layers, layers, names=["w", 7])
+    with pytest.raises(TypeError, match="pair_stats: names must be a sequence of str, got the str 'wb'"):
+        fgs.pair_stats(layers, layers, names="wb")
+
+
 def test_lists_of_different_lengths_are_rejected():
     with pytest.raises(ValueError, match="a has 2 tensors but b has 1"):
         fgs.pair_stats([torch.ones(2), torch.ones(3)], [torch.ones(2)])
