@@ -5,6 +5,11 @@ from setuptools import setup
 TEST_DEPS = ["pytest>=8", "hypothesis>=6.100", "pytest-benchmark>=4"]
 INTEGRATIONS = ["matplotlib>=3.7", "tensorboard>=2.14", "wandb>=0.16", "lightning>=2.2", "transformers>=4.40",
                 "accelerate>=1.1", "safetensors>=0.4", "tqdm"]
+# torch.nn.utils.get_total_norm and clip_grads_with_norm_ (fgs.clip_grad_norm_) are new in torch 2.6.
+TORCH = "torch>=2.6"
+# The kernels call tl.histogram(..., mask=), new in Triton 3.4; torch wheels before 2.8 pin older Tritons
+# (2.6: triton==3.2.0, 2.7: triton==3.3.0), so the kernels also need torch 2.8.
+TRITON = ["triton>=3.4", "torch>=2.8"]
 
 setup(
     name="fastgradstats",
@@ -12,16 +17,16 @@ setup(
     description="Fused per-layer gradient and parameter statistics for PyTorch, in a few Triton launches",
     long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # typing.Self
     packages=["fastgradstats", "fastgradstats.integrations", "fastgradstats.kernels"],
     package_dir={"fastgradstats": "fastgradstats", "fastgradstats.kernels": "kernels"},
     package_data={"fastgradstats": ["native_stats.c"]},
-    install_requires=["torch>=2.6", "numpy"],
+    install_requires=[TORCH, "numpy"],
     extras_require={
-        "triton": ["triton>=3.3"],
+        "triton": TRITON,
         "plots": ["matplotlib>=3.7"],
-        "dev": ["triton>=3.3", "ruff", *TEST_DEPS, *INTEGRATIONS],
-        "all": ["triton>=3.3", *INTEGRATIONS],
+        "dev": [*TRITON, "ruff", *TEST_DEPS, *INTEGRATIONS],
+        "all": [*TRITON, *INTEGRATIONS],
     },
     entry_points={"console_scripts": ["fastgradstats=fastgradstats.cli:main"]},
 )

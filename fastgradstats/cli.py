@@ -13,12 +13,18 @@ against the usual PyTorch baselines on model-shaped random tensors and appends t
 results file; see :mod:`fastgradstats.bench`. ``trajectory`` maps a checkpoint series (cosines, MDS, cone
 angle, path length) into ``DIR/trajectory.json`` and ``DIR/trajectory.png``; see
 :mod:`fastgradstats.trajectory`.
+
+Options are checked, and the output folder created and tried with a test file, before any training or
+checkpoint reading: a bad option prints the usage and a one-line error and exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -37,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     demo_parser.add_argument("--every", type=int, default=10, help="track every N-th step (default 10)")
     demo_parser.add_argument("--out", default="fastgradstats-demo",
-                             help="report folder (default ./fastgradstats-demo)")
+                             help="report folder (default ./fastgradstats-demo); an earlier report there is "
+                                  "replaced: its stats.jsonl, plots and TensorBoard event files are removed "
+                                  "first, other files are kept")
     demo_parser.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default 0)")
     demo_parser.add_argument("--backend", choices=list(BACKENDS), default=None,
                              help="statistics backend (default: automatic)")
@@ -82,20 +90,55 @@ def main(argv: list[str] | None = None) -> int:
         resolve_backend(args.backend, torch.device("cpu"))
     except ValueError as error:  # e.g. --backend triton without TRITON_INTERPRET=1 (the demo runs on the CPU)
         demo_parser.error(str(error))
-    demo.run(args.steps, args.every, args.out, args.seed, args.backend)
+    out = writable_folder(demo_parser, "--out", args.out)
+    try:
+        demo.start_report(out)
+    except OSError as error:
+        demo_parser.error(f"--out {args.out}: cannot clear the earlier report: {error}")
+    demo.run(args.steps, args.every, out, args.seed, args.backend)
     return 0
+
+
+def writable_folder(parser: argparse.ArgumentParser, option: str, path: str) -> Path:
+    """``path`` as a folder, created if missing, in which a test file could be written; a parser error
+    naming ``option`` otherwise."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except FileExistsError:
+        parser.error(f"{option} {path}: not a folder")
+    except OSError as error:
+        parser.error(f"{option} {path}: cannot create or write to this folder: {error.strerror or error}")
+    return folder
+
+
+def usable_device(parser: argparse.ArgumentParser, option: str, name: str) -> torch.device:
+    """``torch.device(name)`` once a tensor can be made there; a parser error naming ``option`` otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        parser.error(f"{option} {name}: {_first_line(error)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"{option} {name}: CUDA is not available")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # e.g. cuda:3 on a one-GPU machine
+        parser.error(f"{option} {name}: {_first_line(error)}")
+    return device
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Check the ``bench`` options, then run :func:`fastgradstats.bench.run`."""
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as error:
-        parser.error(str(error))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available")
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    device = usable_device(parser, "--device", args.device or default)
     try:
         resolve_backend(args.backend, device)
     except ValueError as error:
@@ -106,31 +149,45 @@ def run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def run_trajectory(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Run :func:`fastgradstats.trajectory_map`, write the JSON and the heatmap, print a summary."""
+    """Check the options and the output folder, run :func:`fastgradstats.trajectory_map`, write the JSON and
+    the heatmap (when matplotlib is installed), print a summary."""
     if len(args.checkpoints) < 2:
         parser.error("needs at least 2 checkpoints")
     center = args.center
     if center is not None and center.lstrip("-").isdigit():
         center = int(center)
+    for pattern in args.exclude or []:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            parser.error(f"--exclude {pattern!r}: not a regular expression: {error}")
+    device = usable_device(parser, "--device", args.device) if args.device is not None else None
+    out = writable_folder(parser, "--out", args.out)
     try:
         tmap = trajectory_map(args.checkpoints, center=center, per_layer=args.per_layer, exclude=args.exclude,
-                              device=args.device)
+                              device=device)
     except (ValueError, IndexError, FileNotFoundError, TypeError) as error:
         parser.error(str(error))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "trajectory.json").write_text(tmap.to_json())
-    tmap.plot(out / "trajectory.png")
-    written = ["trajectory.json", "trajectory.png"]
+    texts = {"trajectory.json": tmap.to_json()}
     if tmap.layers is not None:
         layers = {key: layer.to_dict() for key, layer in tmap.layers.items()}
-        (out / "trajectory_layers.json").write_text(json.dumps(layers, allow_nan=False))
-        written.append("trajectory_layers.json")
+        texts["trajectory_layers.json"] = json.dumps(layers, allow_nan=False)
+    plot = importlib.util.find_spec("matplotlib") is not None
+    try:
+        for name, text in texts.items():
+            (out / name).write_text(text)
+        if plot:
+            tmap.plot(out / "trajectory.png")
+    except OSError as error:
+        parser.exit(1, f"{parser.prog}: error: cannot write to {out}: {error}\n")
+    written = [*texts, *(["trajectory.png"] if plot else [])]
     print(f"{len(tmap.names)} checkpoints, {len(tmap.keys)} tensors, {tmap.numel:,} elements")
     print(f"MDS (off-diagonal mean cosine): {tmap.mds:.4f}   (with the diagonal: {tmap.mds_all:.4f})")
     print(f"cone angle: {tmap.cone_angle:.2f} degrees")
     print(f"path length: {tmap.path_length:.6g}")
     print(f"wrote {', '.join(str(out / name) for name in written)}")
+    if not plot:
+        print('no trajectory.png: pip install "fastgradstats[plots]"')
     return 0
 
 

@@ -10,6 +10,10 @@ real training, the gradients stay alive). Nothing is downloaded. The report fold
 * ``tensorboard/``: the same statistics as TensorBoard scalars and histograms (needs tensorboard);
 
 and a summary is printed at the end: the layers with the largest and smallest gradients, and any alerts.
+
+Each run starts a fresh report: in an existing folder, the files an earlier run wrote there (``stats.jsonl``,
+the three plots, the TensorBoard event files in ``tensorboard/``) are removed first, so the statistics and the
+TensorBoard log hold this run only. Other files in the folder are left alone.
 """
 
 from __future__ import annotations
@@ -30,13 +34,15 @@ PERIOD = 16
 NOISE = 0.25  # fraction of tokens replaced by random ones
 MAX_NORM = 1.0
 TRACK = ("grad", "param", "update", "init")
+REPORT_FILES = ("stats.jsonl", "gradient_flow.png", "log2_heatmap.png", "norms.png")
+TENSORBOARD_EVENTS = "tensorboard/events.out.tfevents.*"
 
 
 def run(steps: int = 300, every: int = 10, out: str | Path = "fastgradstats-demo", seed: int = 0,
         backend: str | None = None) -> fgs.Monitor:
-    """Train for ``steps`` steps, tracking every ``every``-th, and write the report to ``out``."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Train for ``steps`` steps, tracking every ``every``-th, and write a fresh report to ``out`` (see
+    :func:`start_report`)."""
+    out = start_report(out)
     torch.manual_seed(seed)
     model, description = build_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -68,6 +74,21 @@ def run(steps: int = 300, every: int = 10, out: str | Path = "fastgradstats-demo
     notes += _plots(monitor, out)
     print(summary(monitor, elapsed, notes))
     return monitor
+
+
+def start_report(out: str | Path) -> Path:
+    """The report folder ``out``, created if missing, without the files an earlier run wrote there
+    (REPORT_FILES and the TensorBoard event files), so that a run never appends to another run's statistics
+    or TensorBoard log. Other files are kept. Raises OSError when the folder cannot be created or cleared."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = [out / name for name in REPORT_FILES if (out / name).exists()]
+    previous += sorted(out.glob(TENSORBOARD_EVENTS))
+    for path in previous:
+        path.unlink()
+    if previous:
+        print(f"{out}/ held an earlier report: removed its {len(previous)} files, starting afresh")
+    return out
 
 
 def build_model() -> tuple[torch.nn.Module, str]:

@@ -10,11 +10,20 @@ chunk order, so results do not depend on the thread count. Sums are taken in flo
 
 This is the default backend for CPU tensors whenever the compiler is there; ``backend="torch"`` or
 ``FASTGRADSTATS_BACKEND=torch`` selects the reference instead.
+
+Building never raises: when it fails, :func:`available` is False, :func:`unavailable_reason` says why, the
+automatic choice falls back to the torch backend with one RuntimeWarning (none when there is simply no
+compiler), and ``backend="native"`` raises ValueError with the reason. Failures include a ``$CC`` that is not
+a valid command line, an empty or relative ``$FASTGRADSTATS_CACHE``, a compile that fails or takes longer
+than ``COMPILE_TIMEOUT_S``, and a cache folder or library that is not private: the folder is created with
+mode 0o700, and an existing folder or library that belongs to another user or that others can write to is
+not used (no fallback folder: fix its mode or point ``$FASTGRADSTATS_CACHE`` elsewhere).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -23,8 +32,11 @@ import os
 import platform
 import shlex
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -41,6 +53,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.floa
 HIST_KINDS = {None: 0, "log2": 1, "linear": 2}
 DEFAULT_CHUNK_SIZE = 1 << 16
 MIN_ELEMENTS_PER_THREAD = 1 << 18  # below this, handing work to another thread costs more than it saves
+COMPILE_TIMEOUT_S = 120  # a compiler that hangs (a stuck wrapper, a dead network disk) is given up on
 
 _ADDRESS, _INT32, _INT64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
 _SIGNATURES = {
@@ -58,42 +71,143 @@ def available() -> bool:
 
 
 def unavailable_reason() -> str:
-    """Why :func:`available` is False ("" when it is True)."""
+    """Why :func:`available` is False ("" when it is True): no compiler, a ``$CC`` that is not a command line,
+    a cache folder that is unset, not private or not writable, a failed or timed-out compile, a library that
+    does not load."""
     return _build()[1]
+
+
+class _Unavailable(Exception):
+    """Why the kernels cannot be built or loaded; the message is what :func:`unavailable_reason` returns."""
 
 
 @functools.cache
 def _build() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded kernels, "") or (None, why they could not be built)."""
-    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc")]
-    if compiler[0] is None:
-        return None, "no C compiler found (set $CC or install gcc)"
-    command = [*compiler, *COMPILE_FLAGS, str(SOURCE), "-o"]
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(command).encode(),
-                                     _cpu_signature()])).hexdigest()[:16]
-    path = _cache_dir() / f"native_stats-{key}.so"
+    """(the loaded kernels, "") or (None, why they could not be built). Never raises; every failure except a
+    missing compiler also warns once (RuntimeWarning), since the automatic choice then falls back to torch."""
     try:
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                built = Path(tmp) / path.name  # built aside, then renamed: concurrent builders never clash
-                subprocess.run([*command, str(built)], check=True, capture_output=True, text=True)
-                os.replace(built, path)
-        library = ctypes.CDLL(str(path))
-    except subprocess.CalledProcessError as error:
-        return None, f"compiling {SOURCE.name} failed: {error.stderr.strip()}"
-    except OSError as error:
-        return None, f"building or loading {path} failed: {error}"
+        command = _compile_command()
+        if command is None:
+            return None, "no C compiler found (set $CC or install gcc)"
+        library = _compile_and_load(command)
+    except _Unavailable as error:
+        warnings.warn(f"fastgradstats: the native CPU backend is unavailable ({error}); CPU tensors use the "
+                      "torch backend instead", RuntimeWarning, stacklevel=3)
+        return None, str(error)
     for name, argtypes in _SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes, function.restype = argtypes, ctypes.c_int
     return library, ""
 
 
+def _compile_command() -> list[str] | None:
+    """The compile command up to its output file: ``$CC`` split as a shell would (it may carry arguments, as
+    in ``CC="cc -fsanitize=address"``), else ``cc`` or ``gcc``; None when there is no compiler."""
+    cc = os.environ.get("CC", "")
+    try:
+        compiler = shlex.split(cc)
+    except ValueError as error:
+        raise _Unavailable(f"$CC={cc!r} is not a valid command line: {error}") from None
+    if not compiler:
+        found = shutil.which("cc") or shutil.which("gcc")
+        if found is None:
+            return None
+        compiler = [found]
+    return [*compiler, *COMPILE_FLAGS, str(SOURCE), "-o"]
+
+
+def _compile_and_load(command: list[str]) -> ctypes.CDLL:
+    """The library of ``command``'s output from the private cache folder, compiled there first if missing.
+
+    The file name holds a hash of the source, the whole compile command and the CPU's features, so a change of
+    any of them builds a new library."""
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as error:
+        raise _Unavailable(f"cannot read {SOURCE}: {error.strerror or error}") from None
+    key = hashlib.sha256(b"\0".join([source, " ".join(command).encode(), _cpu_signature()])).hexdigest()[:16]
+    path = _private_folder(_cache_dir()) / f"native_stats-{key}.so"
+    try:
+        if not path.exists():
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+                built = Path(tmp) / path.name  # built aside, then renamed: concurrent builders never clash
+                _run_compiler([*command, str(built)])
+                os.replace(built, path)
+        _check_private(path, path.stat(), "library")
+        return ctypes.CDLL(str(path))
+    except OSError as error:
+        raise _Unavailable(f"building or loading {path} failed: {error}") from None
+
+
+def _run_compiler(command: list[str]) -> None:
+    """Run the compiler in its own process group; raises _Unavailable when it cannot start, fails, or runs
+    past COMPILE_TIMEOUT_S (then the whole group, e.g. gcc with its cc1 and as, is killed)."""
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, encoding="utf-8", errors="replace",
+                                   start_new_session=True)
+    except OSError as error:
+        raise _Unavailable(f"cannot run the C compiler {command[0]!r}: {error.strerror or error}") from None
+    with process:
+        try:
+            output, _ = process.communicate(timeout=COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise _Unavailable(f"compiling {SOURCE.name} took longer than {COMPILE_TIMEOUT_S} s") from None
+    if process.returncode != 0:
+        details = output.strip() or f"{command[0]} exited with status {process.returncode}, printing nothing"
+        raise _Unavailable(f"compiling {SOURCE.name} failed: {details}")
+
+
 def _cache_dir() -> Path:
+    """``$FASTGRADSTATS_CACHE`` (an absolute path), else ``$XDG_CACHE_HOME/fastgradstats``, else
+    ``~/.cache/fastgradstats``. An empty or relative ``$FASTGRADSTATS_CACHE`` is refused (it would build
+    into, and load from, whatever the current directory is); a relative ``$XDG_CACHE_HOME`` is ignored, as
+    the XDG specification says."""
     if "FASTGRADSTATS_CACHE" in os.environ:
-        return Path(os.environ["FASTGRADSTATS_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastgradstats"
+        configured = os.environ["FASTGRADSTATS_CACHE"]
+        if not configured:
+            raise _Unavailable("$FASTGRADSTATS_CACHE is set but empty (unset it, or give it a folder)")
+        if not os.path.isabs(configured):
+            raise _Unavailable(f"$FASTGRADSTATS_CACHE={configured!r} is not an absolute path")
+        return Path(configured)
+    xdg_cache = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg_cache):
+        return Path(xdg_cache) / "fastgradstats"
+    home = os.path.expanduser("~")
+    if not os.path.isabs(home):
+        raise _Unavailable("no home folder to cache the library in (set $FASTGRADSTATS_CACHE)")
+    return Path(home) / ".cache" / "fastgradstats"
+
+
+def _private_folder(folder: Path) -> Path:
+    """``folder``, created with mode 0o700 when missing. Raises _Unavailable when it cannot be created or is
+    not private (another user could otherwise put there the library this process loads)."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = folder.stat()
+    except OSError as error:
+        raise _Unavailable(f"cannot create the cache folder {folder}: {error.strerror or error}") from None
+    _check_private(folder, info, "cache folder")
+    return folder
+
+
+def _check_private(path: Path, info: os.stat_result, what: str) -> None:
+    """Raise _Unavailable unless ``path`` (the cache folder or the library; ``info`` is its stat) belongs to
+    this user and only this user can write to it."""
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        problem = f"it belongs to uid {info.st_uid}, not to this user (uid {os.getuid()})"
+        remedy = "set $FASTGRADSTATS_CACHE to a folder of your own"
+    elif info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problem = f"other users can write to it (mode {stat.S_IMODE(info.st_mode):04o})"
+        remedy = "chmod go-w it, or set $FASTGRADSTATS_CACHE to a private folder"
+    else:
+        return
+    if what == "library":
+        remedy = "delete it to rebuild"
+    raise _Unavailable(f"refusing the {what} {path}: {problem}; {remedy}")
 
 
 def _cpu_signature() -> bytes:
