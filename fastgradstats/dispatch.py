@@ -74,6 +74,7 @@ def raw_stats(
     linear histogram takes its ranges from them, then the sums and counts.
     """
     name = resolve_backend(backend, tensors[0].device if tensors else None)
+    tensors = _resolved(tensors)
     if name in _RAW_STATS:
         compute = functools.partial(_RAW_STATS[name], tensors, spec)
     else:
@@ -106,6 +107,8 @@ def pair_raw_stats(
     """Pair rows [L, PAIR_K] of validated 1-D tensors in matching element order, from the chosen backend
     (summed over the ranks of ``reducer`` when given)."""
     name = resolve_backend(backend, a[0].device if a else None)
+    a, b = _resolved(a), _resolved(b)
+    origin = None if origin is None else _resolved(origin)
     if name in _PAIR_RAW_STATS:
         rows = _PAIR_RAW_STATS[name](a, b, origin)
     else:
@@ -115,3 +118,9 @@ def pair_raw_stats(
     if reducer is not None:
         reducer.merge_sums(RawStats(rows), first_max=PAIR_K)
     return rows
+
+
+def _resolved(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors with any negative bit materialised (``torch._neg_view``, ``z.conj().imag``): the kernels
+    read raw memory, which holds the negated values of such views. A copy, for those tensors only."""
+    return [t.resolve_neg() if t.is_neg() else t for t in tensors]

@@ -45,7 +45,7 @@ import torch
 
 from .dense import is_dense
 from .hist import HistSpec, linear_ranges
-from .rows import FIRST_MAX, PAIR_K, K, RawStats, empty_rows
+from .rows import PAIR_K, K, RawStats, empty_rows, merge_rows_by_index
 
 SOURCE = Path(__file__).with_name("native_stats.c")
 COMPILE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared")
@@ -315,7 +315,7 @@ def raw_stats(
     chunk_rows = np.empty((chunks.count, K), dtype=np.float64)
     hist = np.zeros((len(ranges), num_layers, bins), dtype=np.int64)
     hist_kind = HIST_KINDS[spec.kind if one_pass_hist else None]
-    layer_ranges = (np.tile(np.array(spec.range, dtype=np.float32), (num_layers, 1))
+    layer_ranges = (np.ascontiguousarray(linear_ranges(spec, empty_rows(num_layers)).numpy())
                     if one_pass_hist and spec.kind == "linear" else None)
 
     def stats(thread: int, first: int, last: int) -> int:
@@ -325,7 +325,7 @@ def raw_stats(
             _address(layer_ranges), hist[thread].ctypes.data)
 
     _run(stats, ranges)
-    rows = torch.from_numpy(_merge(chunk_rows, chunks.layer, empty_rows(num_layers).numpy(), FIRST_MAX))
+    rows = merge_rows_by_index(torch.from_numpy(chunk_rows), torch.from_numpy(chunks.layer), num_layers)
     total_hist = None
     if spec is not None and not one_pass_hist:
         if before_ranges is not None:
@@ -348,13 +348,6 @@ def _address(array: np.ndarray | None) -> int | None:
     return None if array is None else array.ctypes.data
 
 
-def _merge(chunk_rows: np.ndarray, layer: np.ndarray, rows: np.ndarray, first_max: int) -> np.ndarray:
-    """Merge chunk rows into their layers' rows in chunk order: the first ``first_max`` fields add, the rest
-    take the maximum."""
-    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN and overflow is inf, as in torch
-        np.add.at(rows[:, :first_max], layer, chunk_rows[:, :first_max])
-    np.maximum.at(rows[:, first_max:], layer, chunk_rows[:, first_max:])
-    return rows
 
 
 def pair_raw_stats(
@@ -380,5 +373,5 @@ def pair_raw_stats(
             chunk_rows.ctypes.data)
 
     _run(pairs, _ranges_by_thread(chunks.numel))
-    rows = np.zeros((len(lists[0]), PAIR_K), dtype=np.float64)
-    return torch.from_numpy(_merge(chunk_rows, chunks.layer, rows, PAIR_K))
+    rows = torch.zeros(len(lists[0]), PAIR_K, dtype=torch.float64)
+    return rows.index_add_(0, torch.from_numpy(chunks.layer), torch.from_numpy(chunk_rows))

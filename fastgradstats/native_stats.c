@@ -6,15 +6,19 @@
    results do not depend on the number of threads.
 
    Elements are converted to double one block at a time and summed in double, in LANES independent lanes the
-   compiler keeps in vector registers: squares of float32 values can neither overflow nor underflow there,
-   and the variance Σx²/N - mean² keeps ~1e-16·(mean/std)² relative precision without centring. */
+   compiler keeps in vector registers: squares of float32 values can neither overflow nor underflow there.
+   Squares are taken of deviations from a shift near the chunk's mean (the mean of its first block), so M2
+   keeps its precision when |mean| ≫ std.
 
+   Every histogram bin index is bounded before it is used, whatever the floating-point arithmetic gives. */
+
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { N, SUM, SUMSQ, ABSSUM, ZEROS, NONFINITE, MAX, NEG_MIN, FMAX, NEG_FMIN, K };
+enum { N, SUM, M2, ABSSUM, ZEROS, NONFINITE, MAX, NEG_MIN, FMAX, NEG_FMIN, K };
 enum { PAIR_N, DOT, AA, BB, DD, PAIR_K };
 enum { F32, F64, BF16, F16 };        /* dtype codes: native_backend.DTYPE_CODES */
 enum { HIST_NONE, HIST_LOG2, HIST_LINEAR };
@@ -61,37 +65,47 @@ static const double *as_double(const char *src, int32_t dtype, int64_t n, double
 
 static double max2(double a, double b) { return a > b ? a : b; }
 
-/* Per-lane partial moments; lane j takes elements j, j + LANES, ... of a block. */
+/* Per-lane partial moments; lane j takes elements j, j + LANES, ... of a block. sum and sumsq are of the
+   deviations v - center. */
 typedef struct {
     double sum[LANES], sumsq[LANES], abssum[LANES], zeros[LANES], lo[LANES], hi[LANES];
 } Moments;
 
-static inline void add_moment(Moments *m, int j, double v) {
-    m->sum[j] += v;
-    m->sumsq[j] += v * v;
+static inline void add_moment(Moments *m, int j, double v, double center) {
+    double d = v - center;
+    m->sum[j] += d;
+    m->sumsq[j] += d * d;
     m->abssum[j] += fabs(v);
     m->zeros[j] += v == 0.0;
     m->lo[j] = v < m->lo[j] ? v : m->lo[j];
     m->hi[j] = v > m->hi[j] ? v : m->hi[j];
 }
 
-/* Adds x[0:n]'s Σx, Σx², Σ|x| and zero count to row, and its maxima to the MAX and NEG_MIN fields.
-   A NaN leaves the maxima unspecified (rows.py) but reaches the sums. */
-static void add_moments(const double *restrict x, int64_t n, double *restrict row) {
+/* Adds x[0:n]'s Σ(x - center) to row[SUM], Σ(x - center)² to row[M2], its Σ|x| and zero count to row, and
+   its maxima to the MAX and NEG_MIN fields. A NaN leaves the maxima unspecified (rows.py) but reaches the
+   sums. */
+static void add_moments(const double *restrict x, int64_t n, double center, double *restrict row) {
     Moments m = {0};
     for (int j = 0; j < LANES; j++) m.lo[j] = INFINITY, m.hi[j] = -INFINITY;
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES)
-        for (int j = 0; j < LANES; j++) add_moment(&m, j, x[i + j]);
-    for (int j = 0; i < n; i++, j++) add_moment(&m, j, x[i]);
+        for (int j = 0; j < LANES; j++) add_moment(&m, j, x[i + j], center);
+    for (int j = 0; i < n; i++, j++) add_moment(&m, j, x[i], center);
     for (int j = 0; j < LANES; j++) {
         row[SUM] += m.sum[j];
-        row[SUMSQ] += m.sumsq[j];
+        row[M2] += m.sumsq[j];
         row[ABSSUM] += m.abssum[j];
         row[ZEROS] += m.zeros[j];
         row[MAX] = max2(row[MAX], m.hi[j]);
         row[NEG_MIN] = max2(row[NEG_MIN], -m.lo[j]);
     }
+}
+
+/* The mean of x[0:n] (n > 0), or 0 when it is not finite. */
+static double block_mean(const double *x, int64_t n) {
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) sum += x[i];
+    return isfinite(sum) ? sum / (double)n : 0.0;
 }
 
 /* Adds x[0:n]'s non-finite count to row and its finite maxima to the FMAX and NEG_FMIN fields. */
@@ -110,27 +124,38 @@ static void add_nonfinite(const double *x, int64_t n, double *row) {
    counted), then the counting, into COPIES interleaved arrays of bins + 1 counts so that runs of equal bins
    do not wait on each other's increments. */
 
+/* floor(log2|x|) from the float64 exponent field, which for every float32, bfloat16 and float16 value is
+   that of float32 (float32 subnormals, below 2^-126, fall under every bin and are clamped into the first). */
 static void log2_bins(const double *x, int64_t n, int32_t min_exp, int32_t bins, int32_t *bin) {
     for (int64_t i = 0; i < n; i++) {
-        float value = (float)x[i];  /* the float32 exponent field, as for every backend */
-        uint32_t bits;
-        memcpy(&bits, &value, sizeof bits);
-        int32_t field = bits >> 23 & 0xff;  /* 0: zero or subnormal (below every bin), 255: NaN or Inf */
-        int32_t exponent = field - 127 < min_exp ? min_exp : field - 127;
+        uint64_t bits;
+        memcpy(&bits, &x[i], sizeof bits);
+        int32_t field = bits >> 52 & 0x7ff;  /* 0: zero or subnormal, 0x7ff: NaN or Inf */
+        int32_t exponent = field - 1023 < min_exp ? min_exp : field - 1023;
         exponent = exponent > min_exp + bins - 1 ? min_exp + bins - 1 : exponent;
-        bin[i] = x[i] == 0.0 || field == 0xff ? bins : exponent - min_exp;
+        bin[i] = x[i] == 0.0 || field == 0x7ff ? bins : exponent - min_exp;
     }
 }
 
-static void linear_bins(const double *x, int64_t n, const float *lo_hi, int32_t bins, int32_t *bin) {
-    float lo = lo_hi[0], hi = lo_hi[1], width = hi - lo;
+/* x as float32, finite values beyond float32's range saturated to ±FLT_MAX (hist.py's rule). */
+static float saturated_float(double x) {
+    return fabs(x) > FLT_MAX && isfinite(x) ? (x > 0 ? FLT_MAX : -FLT_MAX) : (float)x;
+}
+
+/* Linear bins of hist.py: lo_hi_scale = (lo, hi, s) with s a power of two; the bin of lo <= x <= hi is
+   (x·s - lo·s)·bins / (hi·s - lo·s) in float32 (torch.histc's rule, scaled so that it cannot overflow),
+   clamped to [0, bins - 1] before its conversion to an integer. */
+static void linear_bins(const double *x, int64_t n, const float *lo_hi_scale, int32_t bins, int32_t *bin) {
+    float lo = lo_hi_scale[0], hi = lo_hi_scale[1], scale = lo_hi_scale[2];
+    float scaled_lo = lo * scale, width = hi * scale - scaled_lo, last = (float)(bins - 1);
     for (int64_t i = 0; i < n; i++) {
-        float value = (float)x[i];
+        float value = saturated_float(x[i]);
         int32_t counted = value >= lo && value <= hi;  /* false for NaN */
         float inside = counted ? value : lo;
-        int32_t position = (int32_t)((inside - lo) * (float)bins / width);  /* torch.histc's float32 rule */
-        position = position < bins ? position : bins - 1;
-        bin[i] = counted ? position : bins;
+        float position = (inside * scale - scaled_lo) * (float)bins / width;
+        position = position > 0.0f ? position : 0.0f;  /* also maps NaN to 0 */
+        position = position < last ? position : last;
+        bin[i] = counted ? (int32_t)position : bins;
     }
 }
 
@@ -151,8 +176,10 @@ static void flush_counts(uint32_t *counts, int32_t bins, int64_t *hist) {
 /* Raw rows of chunks [first, last): chunk c holds numel[c] elements of dtype[c] at address addr[c] and
    belongs to layer layer[c]; its row goes to rows[c * K : (c + 1) * K].
 
+   The row holds Σx in SUM and Σ(x - mean)² in M2, from deviations from the mean of the chunk's first block.
    hist_kind HIST_LOG2: bins of exponents min_exp ... min_exp + bins - 1 (see log2_bins); HIST_LINEAR:
-   ranges[2 * l : 2 * l + 2] is layer l's float32 (lo, hi). Counts are added to hist[layer * bins + bin].
+   ranges[3 * l : 3 * l + 3] is layer l's float32 (lo, hi, scale). Counts are added to
+   hist[layer * bins + bin].
    Returns 0, or -1 when out of memory. */
 int fgs_tensor_stats(int64_t first, int64_t last, const int64_t *addr, const int64_t *numel,
                      const int32_t *dtype, const int64_t *layer, double *rows, int32_t hist_kind,
@@ -164,17 +191,22 @@ int fgs_tensor_stats(int64_t first, int64_t last, const int64_t *addr, const int
     for (int64_t c = first; c < last; c++) {
         double *row = rows + c * K;
         for (int f = 0; f < K; f++) row[f] = f < MAX ? 0.0 : -INFINITY;
+        double center = 0.0;
         for (int64_t start = 0; start < numel[c]; start += BLOCK) {
             int64_t n = numel[c] - start < BLOCK ? numel[c] - start : BLOCK;
             const double *x = as_double(element(addr[c], start, dtype[c]), dtype[c], n, buf);
-            add_moments(x, n, row);
+            if (start == 0) center = block_mean(x, n);
+            add_moments(x, n, center, row);
             if (hist_kind != HIST_NONE) {
                 if (hist_kind == HIST_LOG2) log2_bins(x, n, min_exp, bins, bin);
-                else linear_bins(x, n, ranges + 2 * layer[c], bins, bin);
+                else linear_bins(x, n, ranges + 3 * layer[c], bins, bin);
                 count_bins(bin, n, bins, counts);
             }
         }
         row[N] = (double)numel[c];
+        double deviations = row[SUM];  /* Σ(x - center) */
+        row[SUM] = row[N] * center + deviations;
+        row[M2] -= deviations * deviations / row[N];
         if (isfinite(row[ABSSUM])) {  /* no NaN or Inf: the maxima are the finite maxima */
             row[FMAX] = row[MAX];
             row[NEG_FMIN] = row[NEG_MIN];
@@ -191,7 +223,8 @@ int fgs_tensor_stats(int64_t first, int64_t last, const int64_t *addr, const int
 }
 
 /* Linear histograms of chunks [first, last) (as in fgs_tensor_stats) over each layer's range, added to
-   hist[layer * bins + bin], and over ranges[2 * num_layers : 2 * num_layers + 2], added to total[bin].
+   hist[layer * bins + bin], and over ranges[3 * num_layers : 3 * num_layers + 3], added to total[bin].
+   The 32-bit counts are flushed into the 64-bit ones after every chunk, so they cannot wrap.
    Returns 0, or -1 when out of memory. */
 int fgs_linear_hist(int64_t first, int64_t last, const int64_t *addr, const int64_t *numel,
                     const int32_t *dtype, const int64_t *layer, int32_t bins, const float *ranges,
@@ -205,14 +238,14 @@ int fgs_linear_hist(int64_t first, int64_t last, const int64_t *addr, const int6
         for (int64_t start = 0; start < numel[c]; start += BLOCK) {
             int64_t n = numel[c] - start < BLOCK ? numel[c] - start : BLOCK;
             const double *x = as_double(element(addr[c], start, dtype[c]), dtype[c], n, buf);
-            linear_bins(x, n, ranges + 2 * layer[c], bins, bin);
+            linear_bins(x, n, ranges + 3 * layer[c], bins, bin);
             count_bins(bin, n, bins, counts);
-            linear_bins(x, n, ranges + 2 * num_layers, bins, bin);
+            linear_bins(x, n, ranges + 3 * num_layers, bins, bin);
             count_bins(bin, n, bins, total_counts);
         }
         flush_counts(counts, bins, hist + layer[c] * bins);
+        flush_counts(total_counts, bins, total);
     }
-    flush_counts(total_counts, bins, total);
     free(counts);
     return 0;
 }

@@ -8,7 +8,7 @@ import math
 import torch
 
 from .hist import HistSpec, linear_edges, linear_ranges, log2_edges
-from .rows import PAIR_K, RawStats, derive, derive_pair, merge_rows
+from .rows import RawStats, derive, derive_pair, merge_pair_rows, merge_rows
 
 
 class _Derived:
@@ -181,7 +181,7 @@ class PairStats(LayerStats):
     @classmethod
     def from_rows(cls, rows: torch.Tensor, names: list[str]) -> PairStats:
         """Per-layer and total pair statistics from pair rows [L, PAIR_K]."""
-        return cls(rows, names, cls(merge_rows(rows, PAIR_K), ["total"]))
+        return cls(rows, names, cls(merge_pair_rows(rows), ["total"]))
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:

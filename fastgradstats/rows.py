@@ -1,15 +1,19 @@
 """Raw rows: the per-layer sufficient statistics every backend returns and every consumer derives from.
 
-A raw row is a float64 vector of ``K`` fields. Fields ``[0, FIRST_MAX)`` merge by addition, fields
-``[FIRST_MAX, K)`` merge by maximum (minima are stored negated), so rows of chunks, layers or ranks merge
-with one sum and one max. Roots, divisions and NaN rules are applied only by :func:`derive`.
+A raw row is a float64 vector of ``K`` fields. Fields ``[0, FIRST_MAX)`` merge by addition, except M2, which
+merges by Chan's formula (ΣM2_i + Σ n_i·(mean_i - mean)², see :func:`merge_rows`); fields ``[FIRST_MAX, K)``
+merge by maximum (minima are stored negated). Roots, divisions and NaN rules are applied only by
+:func:`derive`.
+
+M2 is stored around each row's own mean, never as Σx²: the variance M2/N then keeps its precision when
+|mean| ≫ std (float64 Σx²/N - mean² would lose (mean/std)²·1e-16 of it, 1% at |mean|/std = 1e7).
 
 Column meaning of tensor rows (x is one layer's elements, upcast to at least float32):
 
 =========  ============================================================
 N          number of elements
 SUM        Σx
-SUMSQ      Σx²  (NaN is allowed here when an Inf is present; see derive)
+M2         Σ(x - mean)²  (NaN or inf when a NaN or Inf is present; see derive)
 ABSSUM     Σ|x|  (NaN iff a NaN is present, +Inf iff an Inf is present)
 ZEROS      number of exact zeros
 NONFINITE  number of NaN and ±Inf
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-N, SUM, SUMSQ, ABSSUM, ZEROS, NONFINITE, MAX, NEG_MIN, FMAX, NEG_FMIN = range(10)
+N, SUM, M2, ABSSUM, ZEROS, NONFINITE, MAX, NEG_MIN, FMAX, NEG_FMIN = range(10)
 K = 10
 FIRST_MAX = MAX
 
@@ -62,17 +66,43 @@ def empty_rows(num_layers: int, device: torch.device | str = "cpu") -> torch.Ten
     return rows
 
 
-def merge_rows(rows: torch.Tensor, first_max: int = FIRST_MAX) -> torch.Tensor:
-    """Merge raw rows [..., M, K] over their second-to-last dim into [..., K].
+def merge_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Merge tensor rows [M, K] into one row [K]: sums add, M2 by Chan's formula, maxima take the maximum.
 
-    Fields before ``first_max`` add, the others take the maximum (pair rows: ``first_max=PAIR_K``).
+    A fixed-order reduction (deterministic on every device); M = 0 gives the row of an empty layer.
     """
-    sums = rows[..., :first_max].sum(-2)
-    if rows.shape[-2] == 0:  # nothing merged: the row of an empty layer
-        maxima = rows.new_full((*rows.shape[:-2], rows.shape[-1] - first_max), float("-inf"))
-    else:
-        maxima = rows[..., first_max:].amax(-2)
-    return torch.cat([sums, maxima], dim=-1)
+    merged = empty_rows(1, rows.device)[0]
+    if rows.shape[0] == 0:
+        return merged
+    merged[:FIRST_MAX] = rows[:, :FIRST_MAX].sum(0)
+    merged[FIRST_MAX:] = rows[:, FIRST_MAX:].amax(0)
+    merged[M2] += _spread(rows, merged[SUM] / merged[N]).sum(0)
+    return merged
+
+
+def merge_rows_by_index(rows: torch.Tensor, index: torch.Tensor, num_out: int) -> torch.Tensor:
+    """Merge tensor rows [M, K] into [num_out, K], row i into output row index[i] (int64 [M]), as
+    :func:`merge_rows` does. For CPU tensors: ``index_add_`` adds in index order there (on CUDA it would use
+    float atomics)."""
+    merged = empty_rows(num_out, rows.device)
+    merged[:, :FIRST_MAX] = 0.0
+    merged[:, :FIRST_MAX].index_add_(0, index, rows[:, :FIRST_MAX])
+    maxima = rows[:, FIRST_MAX:]
+    merged[:, FIRST_MAX:].scatter_reduce_(0, index[:, None].expand_as(maxima), maxima, "amax")
+    mean = merged[:, SUM] / merged[:, N]
+    merged[:, M2].index_add_(0, index, _spread(rows, mean[index]))
+    return merged
+
+
+def _spread(rows: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Chan's correction n_i·(mean_i - mean)² of rows [M, K] around the merged mean(s) (0 for empty rows)."""
+    n = rows[:, N]
+    return torch.where(n > 0, n * (rows[:, SUM] / n - mean).square(), 0.0)
+
+
+def merge_pair_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Merge pair rows [M, PAIR_K] into one row [PAIR_K] (every field adds)."""
+    return rows.sum(0)
 
 
 def derive(rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -80,9 +110,8 @@ def derive(rows: torch.Tensor) -> dict[str, torch.Tensor]:
 
     Float results are float32, counts int64. Semantics follow torch on the same elements: a NaN makes
     sum, mean, std, l1, l2, linf, min and max NaN; an Inf makes l1/l2/linf inf. Empty layers give
-    numel 0, zero sums and norms, NaN mean/std/min/max. The variance Σx²/N - mean² is taken in float64
-    from Σx² accumulated around chunk means, so it keeps ~1e-16·(mean/std)² relative precision: better than
-    1e-5 up to |mean|/std ≈ 3e5.
+    numel 0, zero sums and norms, NaN mean/std/min/max. The variance is M2/N and l2 = sqrt(M2 + (Σx)²/N),
+    a sum of two non-negative terms, so neither loses precision when |mean| ≫ std.
     """
     n = rows[..., N]
     has_nan = rows[..., ABSSUM].isnan()
@@ -90,17 +119,13 @@ def derive(rows: torch.Tensor) -> dict[str, torch.Tensor]:
     nan = torch.full_like(n, float("nan"))
 
     mean = rows[..., SUM] / n
-    var = (rows[..., SUMSQ] / n - mean * mean).clamp_min(0)
-    # SUMSQ is NaN when an Inf met a finite shift in the kernel's centred sums; l2 is then Σ|x|'s inf.
-    l2 = torch.where(rows[..., SUMSQ].isnan(), rows[..., ABSSUM], rows[..., SUMSQ].sqrt())
+    var = rows[..., M2].clamp_min(0) / n
 
     def nan_if_nan_or_empty(value: torch.Tensor) -> torch.Tensor:
         return torch.where(has_nan | empty, nan, value)
 
     maximum = nan_if_nan_or_empty(rows[..., MAX])
     minimum = nan_if_nan_or_empty(-rows[..., NEG_MIN])
-    linf = torch.where(has_nan, nan, torch.maximum(rows[..., MAX], rows[..., NEG_MIN]).clamp_min(0))
-    linf = torch.where(empty, torch.zeros_like(linf), linf)
 
     f32 = torch.float32
     return {
@@ -109,13 +134,28 @@ def derive(rows: torch.Tensor) -> dict[str, torch.Tensor]:
         "mean": mean.to(f32),
         "std": var.sqrt().to(f32),
         "l1": rows[..., ABSSUM].to(f32),
-        "l2": l2.to(f32),
-        "linf": linf.to(f32),
+        "l2": l2_norm(rows).to(f32),
+        "linf": linf_norm(rows).to(f32),
         "min": minimum.to(f32),
         "max": maximum.to(f32),
         "zeros": rows[..., ZEROS].to(torch.int64),
         "nonfinite": rows[..., NONFINITE].to(torch.int64),
     }
+
+
+def l2_norm(rows: torch.Tensor) -> torch.Tensor:
+    """float64 [...] sqrt(Σx²) = sqrt(M2 + (Σx)²/N) of raw rows [..., K] (0 when empty); with a NaN or Inf it
+    is Σ|x|'s NaN or inf, as torch's norm."""
+    n = rows[..., N]
+    sum_sq = rows[..., M2].clamp_min(0) + torch.where(n == 0, 0.0, rows[..., SUM].square() / n)
+    return torch.where(rows[..., ABSSUM].isfinite(), sum_sq.sqrt(), rows[..., ABSSUM])
+
+
+def linf_norm(rows: torch.Tensor) -> torch.Tensor:
+    """float64 [...] max |x| of raw rows [..., K] (0 when empty, NaN with a NaN)."""
+    linf = torch.maximum(rows[..., MAX], rows[..., NEG_MIN]).clamp_min(0)
+    linf = torch.where(rows[..., ABSSUM].isnan(), float("nan"), linf)
+    return torch.where(rows[..., N] == 0, 0.0, linf)
 
 
 def finite_range(rows: torch.Tensor) -> torch.Tensor:

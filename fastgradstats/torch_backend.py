@@ -2,9 +2,10 @@
 
 Each tensor is walked in chunks of ``chunk_size`` elements, converted (bf16/fp16) into a reusable float32
 buffer, so scratch memory is O(chunk), never O(model), and the handful of passes over a chunk hit the cache.
-Within a chunk, torch reductions accumulate in float32 (Σx², for the variance, around the chunk mean); chunk
-rows merge in float64. Histograms are binned exactly as the kernels bin them. Nothing here syncs with a CUDA
-device; on the CPU a finite Σ|x| lets a chunk skip the search for NaN and Inf.
+Within a chunk, Σx and M2 (for the variance, from deviations around a shift near the chunk mean) are summed
+in float64 from float32 values, the other reductions in float32; chunk rows merge in float64 (M2 by Chan's
+formula). Histograms are binned exactly as the kernels bin them. Nothing here syncs with a CUDA device; on
+the CPU a finite Σ|x| lets a chunk skip the search for NaN and Inf.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .dense import flat_elements
-from .hist import HistSpec, linear_ranges
+from .hist import HistSpec, linear_bins, linear_ranges
 from .rows import PAIR_K, ZEROS, RawStats, empty_rows, merge_rows
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 4 MB of float32: fits in cache next to its scratch buffer
@@ -55,7 +56,7 @@ def raw_stats(
     one_pass_hist = spec is not None and (spec.kind == "log2" or spec.range is not None)
     hist = torch.zeros(num_layers, spec.bins, dtype=torch.int64, device=device) if spec else None
     rows = empty_rows(num_layers, device)
-    fixed_range = _fixed_range(spec, device) if one_pass_hist and spec.kind == "linear" else None
+    fixed_ranges = linear_ranges(spec, rows) if one_pass_hist and spec.kind == "linear" else None
     scratch = _Scratch(min(chunk_size, max((t.numel() for t in tensors), default=0)), device)
 
     for layer, t in enumerate(tensors):
@@ -66,7 +67,7 @@ def raw_stats(
             if one_pass_hist and spec.kind == "log2":
                 hist[layer] += _log2_counts(x, work, spec, zeros=chunk_rows[-1][ZEROS])
             elif one_pass_hist:
-                hist[layer] += _linear_counts(x, spec, fixed_range)
+                hist[layer] += _linear_counts(x, spec, fixed_ranges[layer])
         if chunk_rows:
             rows[layer] = merge_rows(torch.stack(chunk_rows))
 
@@ -97,18 +98,19 @@ def _chunk_row(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
     """The float64 raw row of one chunk x (float32 or float64, 1-D, non-empty); ``work`` is overwritten."""
     n = x.numel()
     lo, hi = torch.aminmax(x)
-    # Deviations d = (x - c)·u from c, the mean of the first CENTER_SAMPLE elements (0 if not finite), scaled
-    # by a power of two u near 1/max|x| so that float32 squares neither underflow nor overflow. Then, in
-    # float64, Σx = n·c + Σd/u and M2 = Σ(x - mean)² = (Σd² - (Σd)²/n) / u²: both keep their precision when
-    # |mean| ≫ std, where plain float32 sums would not.
+    # Σx is summed in float64 (more accurate than torch's own float32 sum). M2 comes from deviations
+    # d = (x - c)·u from c, the mean of the first CENTER_SAMPLE elements (0 if not finite), scaled by a power
+    # of two u near 1/max|x| so that float32 squares neither underflow nor overflow: in float64,
+    # M2 = (Σd² - (Σd)²/n) / u² keeps its precision when |mean| ≫ std.
+    total = x.sum(dtype=torch.float64)
     center = x[:CENTER_SAMPLE].mean()
     center = torch.where(center.isfinite(), center, 0.0)
     unit = torch.ldexp(torch.ones_like(center), -torch.frexp(torch.maximum(-lo, hi)).exponent)
     scaled = torch.addcmul(-center * unit, x, unit, out=work)
-    scaled_sum = scaled.sum().double()
+    scaled_sum = scaled.sum(dtype=torch.float64)
+    scaled_sum_sq = scaled.square_().sum(dtype=torch.float64)  # not torch.dot: BLAS sums in float32
     inv_unit = 1.0 / unit.double()
-    total = n * center.double() + scaled_sum * inv_unit
-    m2 = (torch.dot(scaled, scaled).double() - scaled_sum * scaled_sum / n) * inv_unit * inv_unit
+    m2 = (scaled_sum_sq - scaled_sum * scaled_sum / n) * inv_unit * inv_unit
     abs_sum = torch.abs(x, out=work).sum()
     zeros = n - torch.count_nonzero(x)
     if x.device.type == "cpu" and math.isfinite(abs_sum):  # no NaN or Inf here (free to check on the CPU)
@@ -120,52 +122,45 @@ def _chunk_row(x: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
         finite_lo = torch.where(finite, x, float("inf")).min()
     f64 = torch.float64
     return torch.stack([
-        torch.full_like(total, n), total, m2 + total * total / n, abs_sum.to(f64), zeros.to(f64),
+        torch.full_like(total, n), total, m2, abs_sum.to(f64), zeros.to(f64),
         nonfinite.to(f64), hi.to(f64), -lo.to(f64), finite_hi.to(f64), -finite_lo.to(f64),
-    ])  # Σx² = M2 + (Σx)²/n
+    ])
 
 
-def _fixed_range(spec: HistSpec, device: torch.device) -> torch.Tensor:
-    lo, hi = spec.range
-    return torch.stack([torch.full((), v, dtype=torch.float32, device=device) for v in (lo, hi)])
+def _linear_counts(x: torch.Tensor, spec: HistSpec, lo_hi_scale: torch.Tensor) -> torch.Tensor:
+    """int64 [B] counts of x in ``spec.bins`` equal bins over one range (lo, hi, scale), float32 [3] (the rule
+    of :mod:`fastgradstats.hist`)."""
+    bins, _ = linear_bins(x, lo_hi_scale, spec.bins)
+    return _bin_counts(bins, spec.bins + 1)[: spec.bins]  # uncounted elements went to the spill bin
 
 
-def _linear_counts(x: torch.Tensor, spec: HistSpec, lo_hi: torch.Tensor) -> torch.Tensor:
-    """int64 [B] counts of x in ``spec.bins`` equal bins over lo_hi = (lo, hi), float32 [2] (torch.histc
-    rules)."""
-    x = x.to(torch.float32)
-    lo, hi = lo_hi[0], lo_hi[1]
-    if x.device.type == "cpu":  # torch.histc bins exactly so, and reading its range is free on the CPU
-        return torch.histc(x, spec.bins, lo.item(), hi.item()).to(torch.int64)
-    counted = x.isfinite() & (x >= lo) & (x <= hi)
-    position = torch.where(counted, (x - lo) * spec.bins / (hi - lo), 0)
-    # Uncounted elements go to a spill bin past the end, so nothing here depends on data (no sync).
-    bins = torch.where(counted, position.to(torch.int64).clamp_max(spec.bins - 1), spec.bins)
-    counts = torch.zeros(spec.bins + 1, dtype=torch.int64, device=x.device)
-    counts.index_add_(0, bins, torch.ones_like(bins))
-    return counts[: spec.bins]
+def _bin_counts(bins: torch.Tensor, size: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [size] counts (or sums of int64 weights) of the values in ``bins`` (int64, each in [0, size))."""
+    if bins.device.type == "cpu":
+        return torch.bincount(bins, weights, minlength=size).to(torch.int64)
+    # bincount sizes its output from the data's maximum: a sync on CUDA
+    counts = torch.zeros(size, dtype=torch.int64, device=bins.device)
+    return counts.index_add_(0, bins, torch.ones_like(bins) if weights is None else weights)
 
 
 def _log2_counts(x: torch.Tensor, work: torch.Tensor, spec: HistSpec, zeros: torch.Tensor) -> torch.Tensor:
-    """int64 [B] log2-bin counts of x, from a count of x's 256 float32 exponent-field values.
+    """int64 [B] log2-bin counts of x (float32 or float64), from a count of x's exponent-field values.
 
     ``zeros``: x's count of zeros (0-d); ``work`` is overwritten.
     """
-    bits = x.view(torch.int32) if x.dtype == torch.float32 else x.to(torch.float32).view(torch.int32)
-    field = torch.bitwise_right_shift(bits, 23, out=work.view(torch.int32)[: x.numel()]).bitwise_and_(0xFF)
-    if x.device.type == "cpu":
-        per_field = torch.bincount(field, minlength=256)
-    else:  # bincount sizes its output from the data's maximum: a sync on CUDA
-        per_field = torch.zeros(256, dtype=torch.int64, device=x.device)
-        per_field.scatter_add_(0, field.long(), torch.ones_like(field, dtype=torch.int64))
-    # Field 0 holds zeros (not binned) and subnormals (below 2^-126: the first bin); field 255 NaN and Inf.
+    # float32: 8-bit field, bias 127; float64: 11-bit field, bias 1023 (so values beyond float32's range are
+    # clamped into the end bins, never lost).
+    mantissa_bits, fields = (52, 2048) if x.dtype == torch.float64 else (23, 256)
+    bits = x.view(torch.int64 if x.dtype == torch.float64 else torch.int32)
+    out = work.view(bits.dtype)[: x.numel()]
+    field = torch.bitwise_right_shift(bits, mantissa_bits, out=out).bitwise_and_(fields - 1)
+    per_field = _bin_counts(field.long(), fields)
+    # Field 0 holds zeros (not binned) and subnormals (below every bin: the first one); the last NaN and Inf.
     per_field[0] -= zeros.to(torch.int64)
-    exponents = torch.arange(256, device=x.device) - 127
+    exponents = torch.arange(fields, device=x.device) - (fields // 2 - 1)
     bins = exponents.clamp(spec.min_exp, spec.max_exp) - spec.min_exp
-    bins[255] = spec.bins
-    counts = torch.zeros(spec.bins + 1, dtype=torch.int64, device=x.device)
-    counts.index_add_(0, bins, per_field)
-    return counts[: spec.bins]
+    bins[-1] = spec.bins
+    return _bin_counts(bins, spec.bins + 1, per_field)[: spec.bins]
 
 
 def pair_raw_stats(

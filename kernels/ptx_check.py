@@ -45,9 +45,9 @@ def _variants():
                  "total_hist_out": "*i64", "ranges": "*fp32", "num_layers": "i64"}
     for dtype in (tl.float32, tl.bfloat16, tl.float16):
         for rows, hist, total in ((True, 0, False), (True, 1, False), (True, 2, False), (False, 2, True)):
-            constexprs = {"DTYPE": dtype, "CHUNK": CHUNK, "BLOCK": BLOCK, "NUM_FIELDS": 10, "ROWS": rows,
-                          "HIST": hist, "TOTAL_HIST": total, "MIN_EXP": -48, "MAX_EXP": 15, "BINS": 64,
-                          "PADDED_BINS": 64}
+            constexprs = {"DTYPE": dtype, "ACC": tl.float32, "CHUNK": CHUNK, "BLOCK": BLOCK, "NUM_FIELDS": 10,
+                          "ROWS": rows, "HIST": hist, "TOTAL_HIST": total, "MIN_EXP": -48, "MAX_EXP": 15,
+                          "BINS": 64, "PADDED_BINS": 64}
             yield (f"tensor_stats[{dtype}, rows={rows}, hist={hist}]", tensor_stats._chunk_kernel, stats_sig,
                    constexprs, tensor_stats.NUM_WARPS)
     pair_sig = {"tensor_table": "*i64", "chunk_table": "*i64", "partials": "*fp64"}
@@ -60,7 +60,7 @@ def _variants():
                    constexprs, tensor_stats.NUM_WARPS)
     merge_sig = {"tensor_table": "*i64", "chunk_offsets": "*i64", "partials": "*fp64", "rows": "*fp64"}
     constexprs = {"TABLE_STRIDE": 4, "NUM_FIELDS": 10, "FIRST_MAX_FIELD": 6, "PADDED_FIELDS": 16,
-                  "MERGE": merge.MERGE_BLOCK}
+                  "MERGE": merge.MERGE_BLOCK, "CHAN": True}
     yield "merge", merge._merge_kernel, merge_sig, constexprs, 4
 
 

@@ -8,9 +8,12 @@ histogram-only mode, reading the ranges from device memory.
 
 Each lane works on deviations d = x - c from the chunk's center c (the mean of its first block, or 0 if that
 is not finite): it keeps Σd and a running (mean, M2) of d by Welford's update. At the end of a chunk the
-lanes merge in float64 (Chan's formula) into Σx = n·c + Σd and M2, and the row stores Σx² as
-M2 + (Σx)²/n. Derived variances Σx²/N - mean² then keep their precision when |mean| ≫ std (LayerNorm weights
-near 1) whatever the order of the data or its outliers, where plain float32 Σx and Σx² would lose it.
+lanes merge in float64 (Chan's formula) into Σx = n·c + Σd and M2 = Σ(x - mean)², which the row stores; stage
+2 merges chunk M2s by Chan's formula too. Variances keep their precision when |mean| ≫ std (LayerNorm
+weights near 1) whatever the order of the data or its outliers.
+
+float16/bfloat16/float32 are accumulated in float32, float64 in float64 (so values beyond float32's range
+stay finite and the log2 bins come from the float64 exponent, clamped like every other).
 """
 
 from __future__ import annotations
@@ -38,14 +41,32 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
              torch.float64: tl.float64}
 
 
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@triton.jit
+def _linear_bins(x, valid, lo, hi, scale, BINS: tl.constexpr, WIDE: tl.constexpr):
+    """(bins int32, counted) of x by the linear rule of :mod:`fastgradstats.hist` over (lo, hi, scale)."""
+    if WIDE:  # float64: finite values beyond float32's range saturate to ±FLT_MAX
+        big = (tl.abs(x) > FLOAT32_MAX) & (tl.abs(x) < float("inf"))
+        x = tl.where(big, tl.where(x > 0, FLOAT32_MAX, -FLOAT32_MAX), x)
+    x = x.to(tl.float32)
+    counted = valid & (x >= lo) & (x <= hi)  # False for NaN; ±inf lies outside every (finite) range
+    scaled_lo = lo * scale
+    position = tl.math.div_rn((tl.where(counted, x, lo) * scale - scaled_lo) * BINS, hi * scale - scaled_lo)
+    position = tl.minimum(tl.maximum(position, 0.0), BINS - 1)
+    return position.to(tl.int32), counted
+
+
 @triton.jit
 def _accumulate(
-    x, valid, center, inv_count, lo, hi, total_lo, total_hi,
+    x, valid, center, inv_count, lo, hi, scale, total_lo, total_hi, total_scale,
     sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
-    ROWS: tl.constexpr, HIST: tl.constexpr, TOTAL_HIST: tl.constexpr,
+    ROWS: tl.constexpr, HIST: tl.constexpr, TOTAL_HIST: tl.constexpr, WIDE: tl.constexpr,
     MIN_EXP: tl.constexpr, MAX_EXP: tl.constexpr, BINS: tl.constexpr, PADDED_BINS: tl.constexpr,
 ):
-    """Fold one block of float32 values x (lanes where valid is False are ignored) into the accumulators.
+    """Fold one block of values x (float32, or float64 when WIDE; lanes where valid is False are ignored) into
+    the accumulators.
 
     center: the chunk's shift c; inv_count: 1 / (the lane's element count including this one), for Welford.
     """
@@ -65,18 +86,17 @@ def _accumulate(
         zeros += (valid & (x == 0.0)).to(tl.int32)
         nonfinite += (valid & ~finite).to(tl.int32)
     if HIST == 1:
-        exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        if WIDE:
+            exponent = (((x.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023).to(tl.int32)
+        else:
+            exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
         bins = tl.minimum(tl.maximum(exponent, MIN_EXP), MAX_EXP) - MIN_EXP
         hist += tl.histogram(bins, PADDED_BINS, mask=valid & finite & (x != 0.0))
     if HIST == 2:
-        counted = valid & finite & (x >= lo) & (x <= hi)
-        position = tl.math.div_rn((x - lo) * BINS, hi - lo)
-        bins = tl.minimum(tl.where(counted, position, 0.0).to(tl.int32), BINS - 1)
+        bins, counted = _linear_bins(x, valid, lo, hi, scale, BINS, WIDE)
         hist += tl.histogram(bins, PADDED_BINS, mask=counted)
         if TOTAL_HIST:
-            counted = valid & finite & (x >= total_lo) & (x <= total_hi)
-            position = tl.math.div_rn((x - total_lo) * BINS, total_hi - total_lo)
-            bins = tl.minimum(tl.where(counted, position, 0.0).to(tl.int32), BINS - 1)
+            bins, counted = _linear_bins(x, valid, total_lo, total_hi, total_scale, BINS, WIDE)
             total_hist += tl.histogram(bins, PADDED_BINS, mask=counted)
     return sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist
 
@@ -84,8 +104,8 @@ def _accumulate(
 @triton.jit
 def _chunk_kernel(
     tensor_table, chunk_table, partials, hist_out, total_hist_out, ranges, num_layers,
-    DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, NUM_FIELDS: tl.constexpr,
-    ROWS: tl.constexpr, HIST: tl.constexpr, TOTAL_HIST: tl.constexpr,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    NUM_FIELDS: tl.constexpr, ROWS: tl.constexpr, HIST: tl.constexpr, TOTAL_HIST: tl.constexpr,
     MIN_EXP: tl.constexpr, MAX_EXP: tl.constexpr, BINS: tl.constexpr, PADDED_BINS: tl.constexpr,
 ):
     """Stage 1: one chunk → one row of partials (ROWS) and its histogram counts added to hist_out (HIST)."""
@@ -101,22 +121,27 @@ def _chunk_kernel(
 
     lo = 0.0
     hi = 1.0
+    scale = 1.0
     total_lo = 0.0
     total_hi = 1.0
-    if HIST == 2:
-        lo = tl.load(ranges + 2 * out_row)
-        hi = tl.load(ranges + 2 * out_row + 1)
-        total_lo = tl.load(ranges + 2 * num_layers)
-        total_hi = tl.load(ranges + 2 * num_layers + 1)
+    total_scale = 1.0
+    if HIST == 2:  # ranges: float32 [L + 1, 3] (lo, hi, scale), see fastgradstats.hist.linear_ranges
+        lo = tl.load(ranges + 3 * out_row)
+        hi = tl.load(ranges + 3 * out_row + 1)
+        scale = tl.load(ranges + 3 * out_row + 2)
+        total_lo = tl.load(ranges + 3 * num_layers)
+        total_hi = tl.load(ranges + 3 * num_layers + 1)
+        total_scale = tl.load(ranges + 3 * num_layers + 2)
+    WIDE: tl.constexpr = ACC == tl.float64
 
-    sum_d = tl.zeros([BLOCK], tl.float32)
-    mean = tl.zeros([BLOCK], tl.float32)
-    m2 = tl.zeros([BLOCK], tl.float32)
-    abs_sum = tl.zeros([BLOCK], tl.float32)
-    max_x = tl.full([BLOCK], float("-inf"), tl.float32)
-    min_x = tl.full([BLOCK], float("inf"), tl.float32)
-    fmax_x = tl.full([BLOCK], float("-inf"), tl.float32)
-    fmin_x = tl.full([BLOCK], float("inf"), tl.float32)
+    sum_d = tl.zeros([BLOCK], ACC)
+    mean = tl.zeros([BLOCK], ACC)
+    m2 = tl.zeros([BLOCK], ACC)
+    abs_sum = tl.zeros([BLOCK], ACC)
+    max_x = tl.full([BLOCK], float("-inf"), ACC)
+    min_x = tl.full([BLOCK], float("inf"), ACC)
+    fmax_x = tl.full([BLOCK], float("-inf"), ACC)
+    fmin_x = tl.full([BLOCK], float("inf"), ACC)
     zeros = tl.zeros([BLOCK], tl.int32)
     nonfinite = tl.zeros([BLOCK], tl.int32)
     hist = tl.zeros([PADDED_BINS], tl.int32)
@@ -124,33 +149,33 @@ def _chunk_kernel(
 
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     all_valid = tl.full([BLOCK], 1, tl.int1)
-    center = 0.0
+    center = tl.full([], 0.0, ACC)
     if ROWS:
-        first = tl.load(base + lo_idx + lanes, mask=lo_idx + lanes < hi_idx, other=0.0).to(tl.float32)
-        center = tl.sum(first, 0) / tl.minimum(hi_idx - lo_idx, BLOCK).to(tl.float32)
+        first = tl.load(base + lo_idx + lanes, mask=lo_idx + lanes < hi_idx, other=0.0).to(ACC)
+        center = tl.sum(first, 0) / tl.minimum(hi_idx - lo_idx, BLOCK).to(ACC)
         center = tl.where(tl.abs(center) < float("inf"), center, 0.0)
     for block in range(first_full, last_full):  # full blocks: aligned, unmasked, 16-byte vector loads
         offs = block * BLOCK + lanes
         ptrs = tl.max_contiguous(tl.multiple_of(base + offs, 16), BLOCK)
-        x = tl.load(ptrs).to(tl.float32)
+        x = tl.load(ptrs).to(ACC)
         inv_count = 1.0 / (block - first_full + 1).to(tl.float32)  # the same for every lane
         (sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist,
          total_hist) = _accumulate(
-            x, all_valid, center, inv_count, lo, hi, total_lo, total_hi,
+            x, all_valid, center, inv_count, lo, hi, scale, total_lo, total_hi, total_scale,
             sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
-            ROWS, HIST, TOTAL_HIST, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
+            ROWS, HIST, TOTAL_HIST, WIDE, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
     # The partial blocks at either end of the chunk (empty when lo_idx / hi_idx are block-aligned).
     count = tl.zeros([BLOCK], tl.float32) + tl.maximum(last_full - first_full, 0).to(tl.float32)
     for edge in tl.static_range(2):
         offs, valid = edge_block(edge, lo_idx, hi_idx, first_full, last_full, lanes, BLOCK)
-        x = tl.load(base + offs, mask=valid, other=0.0).to(tl.float32)
+        x = tl.load(base + offs, mask=valid, other=0.0).to(ACC)
         count += valid.to(tl.float32)
         inv_count = 1.0 / tl.maximum(count, 1.0)
         (sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist,
          total_hist) = _accumulate(
-            x, valid, center, inv_count, lo, hi, total_lo, total_hi,
+            x, valid, center, inv_count, lo, hi, scale, total_lo, total_hi, total_scale,
             sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
-            ROWS, HIST, TOTAL_HIST, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
+            ROWS, HIST, TOTAL_HIST, WIDE, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
 
     if ROWS:
         # Chan's merge of the lanes' (count, mean, M2), in float64.
@@ -162,7 +187,7 @@ def _chunk_kernel(
         row = partials + pid * NUM_FIELDS  # field order of fastgradstats.rows
         tl.store(row + 0, n)
         tl.store(row + 1, chunk_sum)
-        tl.store(row + 2, chunk_m2 + chunk_sum * chunk_sum / n)
+        tl.store(row + 2, chunk_m2)
         tl.store(row + 3, tl.sum(abs_sum.to(tl.float64), 0))
         tl.store(row + 4, tl.sum(zeros, 0).to(tl.float64))
         tl.store(row + 5, tl.sum(nonfinite, 0).to(tl.float64))
@@ -224,7 +249,7 @@ def raw_stats(
         partials = torch.empty(table.num_chunks, K, dtype=torch.float64, device=device)
         mode = HIST_NONE if per_layer_ranges else hist_mode
         _launch_chunks(table, dtype, spec, mode, partials, hist, None, ranges, chunk_size, block_size)
-        merge_chunk_rows(table, partials, rows, FIRST_MAX)
+        merge_chunk_rows(table, partials, rows, FIRST_MAX, chan=True)
 
     if per_layer_ranges:  # needs every layer's finite [min, max], so after all groups' stage 2
         if before_ranges is not None:
@@ -250,7 +275,8 @@ def _launch_chunks(table, dtype, spec, hist_mode, partials, hist, total_hist, ra
         unused if total_hist is None else total_hist,
         unused if ranges is None else ranges,
         0 if ranges is None else ranges.shape[0] - 1,
-        DTYPE=TL_DTYPES[dtype], CHUNK=chunk_size, BLOCK=block_size, NUM_FIELDS=K,
+        DTYPE=TL_DTYPES[dtype], ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+        CHUNK=chunk_size, BLOCK=block_size, NUM_FIELDS=K,
         ROWS=partials is not None, HIST=hist_mode, TOTAL_HIST=total_hist is not None,
         MIN_EXP=spec.min_exp if spec else 0, MAX_EXP=spec.max_exp if spec else 0,
         BINS=spec.bins if spec else 1, PADDED_BINS=spec.padded_bins if spec else 1,

@@ -119,9 +119,16 @@ def test_non_int_exponents():
         fgs.tensor_stats(layers(), hist="log2", min_exp=-10.0)
 
 
-@pytest.mark.parametrize("bad_range", [(1.0, 1.0), (2.0, -2.0), (0.0, float("inf")), (float("nan"), 1.0)])
-def test_linear_range_needs_finite_lo_below_hi(bad_range):
-    with pytest.raises(ValueError, match="range must be finite with lo < hi"):
+@pytest.mark.parametrize("bad_range", [(1.0, 1.0), (2.0, -2.0), (0.0, float("inf")), (float("nan"), 1.0),
+                                       (0.0, 1e-46), (1.0, 1.0 + 1e-9), (-1e39, 0.0), (0.0, 3.5e38)])
+def test_linear_range_must_be_finite_with_lo_below_hi_in_float32(bad_range):
+    with pytest.raises(ValueError, match=r"range must (be finite|have lo < hi) in float32"):
+        fgs.tensor_stats(layers(), hist="linear", range=bad_range)
+
+
+@pytest.mark.parametrize("bad_range", [1.0, (1.0,), ("a", 2.0)])
+def test_linear_range_must_be_two_numbers(bad_range):
+    with pytest.raises(ValueError, match="range must be two numbers"):
         fgs.tensor_stats(layers(), hist="linear", range=bad_range)
 
 
