@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import math
+import types
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -13,6 +15,7 @@ import torch.distributed as dist
 from .api import tensor_stats
 from .distributed import is_dtensor
 from .results import TensorStats
+from .rows import l2_norm, linf_norm
 
 FUSED_NORM_TYPES = (2.0, math.inf)
 
@@ -34,6 +37,8 @@ def clip_grad_norm_(
     norm (a 0-d tensor in the gradients' promoted dtype), or ``(total_norm, stats)`` with
     ``return_stats=True``, where ``stats`` are the per-layer gradient statistics (layers named "0", "1", ...
     in parameter order, skipping parameters without a gradient). No host sync unless ``error_if_nonfinite``.
+    The norm is taken in float64 from the fused pass's float64 rows, then rounded to the gradients' dtype, so
+    float64 gradients keep float64 norms (beyond float32's range too).
     DTensor gradients (FSDP2, tensor parallel) get the global norm and their local shards are scaled; plain
     gradients sharded by hand pass the process group as ``group=``.
 
@@ -44,7 +49,10 @@ def clip_grad_norm_(
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
+    is_generator = isinstance(parameters, types.GeneratorType)
     parameters = list(parameters)
+    if is_generator and not parameters:
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=2)
     grads = [p.grad for p in parameters if p.grad is not None]
     norm_type = float(norm_type)
     if not grads:
@@ -53,7 +61,7 @@ def clip_grad_norm_(
 
     stats = tensor_stats(grads, group=group) if return_stats or norm_type in FUSED_NORM_TYPES else None
     if norm_type in FUSED_NORM_TYPES:
-        total_norm = stats.total.l2 if norm_type == 2.0 else stats.total.linf
+        total_norm = (l2_norm if norm_type == 2.0 else linf_norm)(stats.total.rows)
         dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads))
         total_norm = total_norm.to(dtype)
     else:

@@ -221,3 +221,30 @@ def test_foreach_false_matches_torch(backend):
     ours_norm, theirs_norm, ours, theirs = clip_both(params, 1.0, 2.0, False, False)
     torch.testing.assert_close(ours_norm, theirs_norm, **TOLERANCE[torch.float32])
     assert_grads_close(ours, theirs, **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_float64_gradients_keep_a_float64_norm(backend, norm_type):
+    params = make_params(torch.float64)
+    ours, theirs, _, _ = clip_both(params, 1.0, norm_type)
+    assert ours.dtype == theirs.dtype == torch.float64
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-13)
+
+
+@pytest.mark.parametrize(("norm_type", "value"), [(2.0, 1e39), (math.inf, 2e200)])
+def test_float64_norm_beyond_float32_clips_like_torch(backend, norm_type, value):
+    params = make_params(torch.float64)
+    params[0].grad.fill_(value)
+    ours, theirs, ours_params, theirs_params = clip_both(params, 1.0, norm_type, error_if_nonfinite=True)
+    assert math.isfinite(ours.item())
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-13)
+    assert_grads_close(ours_params, theirs_params, rtol=1e-12, atol=0)
+    assert any(p.grad.abs().max() > 0 for p in ours_params if p.grad is not None)
+
+
+def test_an_empty_generator_warns_like_torch():
+    with pytest.warns(UserWarning, match="empty generator"):
+        torch.nn.utils.clip_grad_norm_((p for p in []), 1.0)
+    with pytest.warns(UserWarning, match="empty generator"):
+        total = fgs.clip_grad_norm_((p for p in []), 1.0)
+    assert total.item() == 0.0
