@@ -198,3 +198,22 @@ def test_cc_may_carry_arguments(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "cc -DFASTGRADSTATS_UNUSED=1")
     assert native_backend.available(), native_backend.unavailable_reason()
     assert native_backend.raw_stats([torch.ones(3)]).rows[0, 1].item() == 3.0
+
+
+def test_linear_total_counts_do_not_wrap_past_2_to_the_32():
+    # 65537 chunks that all read the same 65536 zeros: 2^32 + 65536 elements in one bin of one thread's
+    # total histogram, which a 32-bit count flushed only at the end would wrap to 65536.
+    kernels = native_backend._kernels()
+    data = torch.zeros(1 << 16, dtype=torch.bfloat16)
+    chunks = (1 << 16) + 1
+    addresses = np.full(chunks, data.data_ptr(), dtype=np.int64)
+    numel = np.full(chunks, data.numel(), dtype=np.int64)
+    dtypes = np.full(chunks, native_backend.DTYPE_CODES[torch.bfloat16], dtype=np.int32)
+    layer = np.zeros(chunks, dtype=np.int64)
+    ranges = np.array([[-1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]], dtype=np.float32)
+    hist, total = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    status = kernels.fgs_linear_hist(0, chunks, addresses.ctypes.data, numel.ctypes.data, dtypes.ctypes.data,
+                                     layer.ctypes.data, 1, ranges.ctypes.data, 1, hist.ctypes.data,
+                                     total.ctypes.data)
+    assert status == 0
+    assert hist[0] == total[0] == chunks * data.numel()

@@ -26,8 +26,8 @@ def sanitizer_environment(tmp_path: Path) -> dict[str, str] | None:
                              text=True).stdout.strip()
     probe = tmp_path / "probe.c"
     probe.write_text("int probe(int *x) { return x[0]; }\n")
-    built = subprocess.run([compiler, *SANITIZE, "-shared", "-fPIC", str(probe), "-o", str(tmp_path / "p.so")],
-                           check=False, capture_output=True)
+    command = [compiler, *SANITIZE, "-shared", "-fPIC", str(probe), "-o", str(tmp_path / "probe.so")]
+    built = subprocess.run(command, check=False, capture_output=True)
     if built.returncode != 0 or not os.path.isabs(runtime) or not os.path.exists(runtime):
         return None
     return {
