@@ -77,11 +77,6 @@ class HistSpec:
             return HistSpec("linear", bins, range)
         raise ValueError(f"hist must be None, 'log2' or 'linear', got {hist!r}")
 
-    @property
-    def padded_bins(self) -> int:
-        """The bin count rounded up to a power of two (what the kernels compute internally)."""
-        return 1 << (self.bins - 1).bit_length()
-
 
 def _float32_range(range: tuple[float, float]) -> tuple[float, float]:
     """``range`` rounded to float32, where the linear bins are computed; ValueError unless it stays finite

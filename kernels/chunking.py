@@ -30,3 +30,12 @@ def edge_block(edge: tl.constexpr, lo, hi, first_full, last_full, lanes, BLOCK: 
         offs = last_full * BLOCK + lanes
         mask = (offs >= tl.maximum(first_full, last_full) * BLOCK) & (offs < hi)
     return offs, mask
+
+
+@triton.jit
+def edge_range(edge: tl.constexpr, lo, hi, first_full, last_full, BLOCK: tl.constexpr):
+    """(start, end) of the partial block before (edge 0) or after (edge 1) the full blocks: the same elements
+    as :func:`edge_block`'s mask, as an index range (empty when that end is aligned)."""
+    if edge == 0:
+        return lo, tl.minimum(hi, first_full * BLOCK)
+    return tl.maximum(first_full, last_full) * BLOCK, hi

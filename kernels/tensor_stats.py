@@ -6,11 +6,16 @@ atomics (exact, so still deterministic). Stage 2 (one program per tensor) merges
 fixed order into its output row. A linear histogram over per-layer data ranges runs stage 1 once more in
 histogram-only mode, reading the ranges from device memory.
 
-Each lane works on deviations d = x - c from the chunk's center c (the mean of its first block, or 0 if that
-is not finite): it keeps Σd and a running (mean, M2) of d by Welford's update. At the end of a chunk the
-lanes merge in float64 (Chan's formula) into Σx = n·c + Σd and M2 = Σ(x - mean)², which the row stores; stage
-2 merges chunk M2s by Chan's formula too. Variances keep their precision when |mean| ≫ std (LayerNorm
-weights near 1) whatever the order of the data or its outliers.
+A program reads its chunk in 16 KB tiles [R, VEC], VEC elements (16 bytes) per row, so every thread issues
+several independent 16-byte loads per tile and folds whole rows into its own rows' accumulators in
+registers: few registers, many loads in flight (``python -m fastgradstats.kernels.roofline`` shows the
+compiled result). Row r keeps Σd and Σd² of d = x - c_r, c_r one of its own elements (exact for values
+within a factor 2 of it), Σ|x|, max, min and zeros; at the end of the chunk the rows merge in float64 by
+Chan's formula into Σx and M2 = Σ(x - mean)², which the row stores, and stage 2 merges chunk M2s the same
+way. Variances keep their precision when |mean| ≫ std (LayerNorm weights near 1), and an outlier costs
+precision only in its own row. NaN/Inf counts and the finite extremes come from a second pass over the
+chunk, only when its Σ|x| is not finite. The log2 histogram of 32-bit values counts exponent fields (no
+clamp, no mask per element) and folds them into the clamped bins once per chunk.
 
 float16/bfloat16/float32 are accumulated in float32, float64 in float64 (so values beyond float32's range
 stay finite and the log2 bins come from the float64 exponent, clamped like every other).
@@ -27,13 +32,15 @@ import triton.language as tl
 from fastgradstats.hist import HistSpec, linear_ranges
 from fastgradstats.rows import FIRST_MAX, K, RawStats
 
-from .chunking import chunk_span, edge_block
+from .chunking import chunk_span, edge_range
 from .merge import merge_chunk_rows
 from .segments import segment_table
 
 DEFAULT_CHUNK_SIZE = 1 << 16
-DEFAULT_BLOCK_SIZE = 2048
+DEFAULT_BLOCK_SIZE = 2048  # pair statistics' block
 NUM_WARPS = 8
+LOADS_PER_THREAD = 4  # independent 16-byte loads in flight per thread and tile
+TILE_BYTES = NUM_WARPS * 32 * LOADS_PER_THREAD * 16  # a statistics tile: 16 KB whatever the dtype
 
 HIST_NONE, HIST_LOG2, HIST_LINEAR = 0, 1, 2
 
@@ -46,7 +53,8 @@ FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 @triton.jit
 def _linear_bins(x, valid, lo, hi, scale, BINS: tl.constexpr, WIDE: tl.constexpr):
-    """(bins int32, counted) of x by the linear rule of :mod:`fastgradstats.hist` over (lo, hi, scale)."""
+    """int32 bins of x by the linear rule of :mod:`fastgradstats.hist` over (lo, hi, scale); values not
+    counted (outside [lo, hi], non-finite, or not valid) go to the spill slot BINS."""
     if WIDE:  # float64: finite values beyond float32's range saturate to ±FLT_MAX
         big = (tl.abs(x) > FLOAT32_MAX) & (tl.abs(x) < float("inf"))
         x = tl.where(big, tl.where(x > 0, FLOAT32_MAX, -FLOAT32_MAX), x)
@@ -55,60 +63,97 @@ def _linear_bins(x, valid, lo, hi, scale, BINS: tl.constexpr, WIDE: tl.constexpr
     scaled_lo = lo * scale
     position = tl.math.div_rn((tl.where(counted, x, lo) * scale - scaled_lo) * BINS, hi * scale - scaled_lo)
     position = tl.minimum(tl.maximum(position, 0.0), BINS - 1)
-    return position.to(tl.int32), counted
+    return tl.where(counted, position.to(tl.int32), BINS)
 
 
 @triton.jit
-def _accumulate(
-    x, valid, center, inv_count, lo, hi, scale, total_lo, total_hi, total_scale,
-    sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
-    ROWS: tl.constexpr, HIST: tl.constexpr, TOTAL_HIST: tl.constexpr, WIDE: tl.constexpr,
-    MIN_EXP: tl.constexpr, MAX_EXP: tl.constexpr, BINS: tl.constexpr, PADDED_BINS: tl.constexpr,
-):
-    """Fold one block of values x (float32, or float64 when WIDE; lanes where valid is False are ignored) into
-    the accumulators.
+def _moments(x, valid, shift, sum_d, sum_d2, abs_sum, max_x, min_x, zeros, FULL: tl.constexpr,
+             ZEROS: tl.constexpr):
+    """Fold a tile x [R, V] (lanes where valid is False are ignored unless FULL) into per-row accumulators
+    [R]: Σd, Σd² of d = x - shift (shift [R]), Σ|x|, max, min and, if ZEROS, the zero count."""
+    d = x - shift[:, None]
+    if FULL:
+        abs_x = tl.abs(x)
+        hi = x
+        lo = x
+        is_zero = x == 0.0
+    else:
+        d = tl.where(valid, d, 0.0)
+        abs_x = tl.where(valid, tl.abs(x), 0.0)
+        hi = tl.where(valid, x, float("-inf"))
+        lo = tl.where(valid, x, float("inf"))
+        is_zero = valid & (x == 0.0)
+    sum_d += tl.sum(d, 1)
+    sum_d2 += tl.sum(d * d, 1)
+    abs_sum += tl.sum(abs_x, 1)
+    max_x = tl.maximum(max_x, tl.max(hi, 1))
+    min_x = tl.minimum(min_x, tl.min(lo, 1))
+    if ZEROS:
+        zeros += tl.sum(is_zero.to(tl.int32), 1)
+    return sum_d, sum_d2, abs_sum, max_x, min_x, zeros
 
-    center: the chunk's shift c; inv_count: 1 / (the lane's element count including this one), for Welford.
+
+@triton.jit
+def _histogram(x, valid, lo, hi, scale, HIST: tl.constexpr, WIDE: tl.constexpr, MIN_EXP: tl.constexpr,
+               MAX_EXP: tl.constexpr, BINS: tl.constexpr, PADDED_BINS: tl.constexpr, SIZE: tl.constexpr):
+    """int32 [PADDED_BINS] counts of a tile x [R, V] of SIZE = R·V elements (HIST 1: log2, 2: linear).
+
+    Every lane goes to some slot, so the count needs no mask (no branch per element). log2 of 32-bit values
+    counts float32 exponent fields (slot 256: invalid lanes), which :func:`_fold_fields` folds into the
+    clamped bins once per chunk; float64 (WIDE) counts bins, with slots BINS for zeros, BINS + 1 for NaN and
+    ±Inf, BINS + 2 for invalid lanes; linear counts bins, with slot BINS for everything not counted.
     """
-    abs_x = tl.abs(x)
-    finite = abs_x < float("inf")  # False for NaN and ±Inf
-    if ROWS:
-        d = x - center
-        sum_d += tl.where(valid, d, 0.0)
-        delta = tl.where(valid, d - mean, 0.0)
-        mean += delta * inv_count
-        m2 += tl.where(valid, delta * (d - mean), 0.0)
-        abs_sum += tl.where(valid, abs_x, 0.0)
-        max_x = tl.maximum(max_x, tl.where(valid, x, float("-inf")))
-        min_x = tl.minimum(min_x, tl.where(valid, x, float("inf")))
-        fmax_x = tl.maximum(fmax_x, tl.where(valid & finite, x, float("-inf")))
-        fmin_x = tl.minimum(fmin_x, tl.where(valid & finite, x, float("inf")))
-        zeros += (valid & (x == 0.0)).to(tl.int32)
-        nonfinite += (valid & ~finite).to(tl.int32)
-    if HIST == 1:
+    if HIST == 1 and not WIDE:  # the exponent field: 0 for zeros and subnormals, 255 for NaN and ±Inf
+        bins = tl.where(valid, (x.to(tl.int32, bitcast=True) >> 23) & 0xFF, 256)
+    elif HIST == 1:  # floor(log2|x|) from the float64 exponent field
         if WIDE:
-            exponent = (((x.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023).to(tl.int32)
+            bits = x.to(tl.int64, bitcast=True)
+            field = ((bits >> 52) & 0x7FF).to(tl.int32)
+            magnitude = bits & 0x7FFFFFFFFFFFFFFF
+            exponent = field - 1023
+            special = 0x7FF
         else:
-            exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+            bits = x.to(tl.int32, bitcast=True)
+            field = (bits >> 23) & 0xFF
+            magnitude = bits & 0x7FFFFFFF
+            exponent = field - 127
+            special = 0xFF
         bins = tl.minimum(tl.maximum(exponent, MIN_EXP), MAX_EXP) - MIN_EXP
-        hist += tl.histogram(bins, PADDED_BINS, mask=valid & finite & (x != 0.0))
-    if HIST == 2:
-        bins, counted = _linear_bins(x, valid, lo, hi, scale, BINS, WIDE)
-        hist += tl.histogram(bins, PADDED_BINS, mask=counted)
-        if TOTAL_HIST:
-            bins, counted = _linear_bins(x, valid, total_lo, total_hi, total_scale, BINS, WIDE)
-            total_hist += tl.histogram(bins, PADDED_BINS, mask=counted)
-    return sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist
+        bins = tl.where(field == special, BINS + 1, bins)
+        bins = tl.where(magnitude == 0, BINS, bins)
+        bins = tl.where(valid, bins, BINS + 2)
+    else:
+        bins = _linear_bins(x, valid, lo, hi, scale, BINS, WIDE)
+    return tl.histogram(tl.reshape(bins, [SIZE]), PADDED_BINS)
+
+
+@triton.jit
+def _fold_fields(fields, zeros, hist_out, MIN_EXP: tl.constexpr, MAX_EXP: tl.constexpr, BINS: tl.constexpr,
+                 PADDED_BINS: tl.constexpr):
+    """Add counts per float32 exponent field (int32 [PADDED_BINS], slots 0..255) to the log2 bins at
+    hist_out [BINS]: field f holds values in [2^(f-127), 2^(f-126)), clamped to [MIN_EXP, MAX_EXP]; field 0
+    also holds the ``zeros`` (not binned), field 255 NaN and ±Inf (not binned)."""
+    field = tl.arange(0, PADDED_BINS)
+    counts = (fields - tl.where(field == 0, zeros, 0)).to(tl.int64)
+    bins = tl.minimum(tl.maximum(field - 127, MIN_EXP), MAX_EXP) - MIN_EXP
+    tl.atomic_add(hist_out + bins, counts, mask=(field < 255) & (counts > 0))
 
 
 @triton.jit
 def _chunk_kernel(
     tensor_table, chunk_table, partials, hist_out, total_hist_out, ranges, num_layers,
-    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
     NUM_FIELDS: tl.constexpr, ROWS: tl.constexpr, HIST: tl.constexpr, TOTAL_HIST: tl.constexpr,
     MIN_EXP: tl.constexpr, MAX_EXP: tl.constexpr, BINS: tl.constexpr, PADDED_BINS: tl.constexpr,
 ):
-    """Stage 1: one chunk → one row of partials (ROWS) and its histogram counts added to hist_out (HIST)."""
+    """Stage 1: one chunk → one row of partials (ROWS) and its histogram counts added to hist_out (HIST).
+
+    The chunk is read in tiles [R, VEC] of BLOCK = R·VEC elements, VEC elements (16 bytes) per row, so each
+    thread loads whole rows with 16-byte loads and folds them into its rows' accumulators in registers. Row r
+    accumulates Σd, Σd² of d = x - c_r, c_r one of the row's own elements (exact for values within a factor
+    2 of it); rows merge by Chan's formula in float64 at the end. Finite extremes and the non-finite count
+    come from a second pass over the chunk only when its Σ|x| is not finite (rare).
+    """
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(chunk_table + 2 * pid)
     chunk_start = tl.load(chunk_table + 2 * pid + 1)
@@ -118,6 +163,11 @@ def _chunk_kernel(
     out_row = tl.load(tensor_table + 4 * tensor + 3)
 
     lo_idx, hi_idx, first_full, last_full = chunk_span(chunk_start, head, numel, CHUNK, BLOCK)
+    R: tl.constexpr = BLOCK // VEC
+    rows = tl.arange(0, R).to(tl.int64)
+    lanes = rows[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [R, VEC] offsets within a tile
+    WIDE: tl.constexpr = ACC == tl.float64
+    ZEROS: tl.constexpr = not (HIST == 1 and WIDE)  # float64 log2 histograms count zeros in a slot
 
     lo = 0.0
     hi = 1.0
@@ -132,70 +182,98 @@ def _chunk_kernel(
         total_lo = tl.load(ranges + 3 * num_layers)
         total_hi = tl.load(ranges + 3 * num_layers + 1)
         total_scale = tl.load(ranges + 3 * num_layers + 2)
-    WIDE: tl.constexpr = ACC == tl.float64
 
-    sum_d = tl.zeros([BLOCK], ACC)
-    mean = tl.zeros([BLOCK], ACC)
-    m2 = tl.zeros([BLOCK], ACC)
-    abs_sum = tl.zeros([BLOCK], ACC)
-    max_x = tl.full([BLOCK], float("-inf"), ACC)
-    min_x = tl.full([BLOCK], float("inf"), ACC)
-    fmax_x = tl.full([BLOCK], float("-inf"), ACC)
-    fmin_x = tl.full([BLOCK], float("inf"), ACC)
-    zeros = tl.zeros([BLOCK], tl.int32)
-    nonfinite = tl.zeros([BLOCK], tl.int32)
+    shift = tl.zeros([R], ACC)
+    if ROWS:  # c_r: the element at row r's place in the chunk's first tile (the chunk's first one past it)
+        shift = tl.load(base + tl.minimum(lo_idx + rows * VEC, hi_idx - 1)).to(ACC)
+        shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
+    sum_d = tl.zeros([R], ACC)
+    sum_d2 = tl.zeros([R], ACC)
+    abs_sum = tl.zeros([R], ACC)
+    max_x = tl.full([R], float("-inf"), ACC)
+    min_x = tl.full([R], float("inf"), ACC)
+    zeros = tl.zeros([R], tl.int32)
+    count = tl.zeros([R], tl.int32) + VEC * tl.maximum(last_full - first_full, 0).to(tl.int32)
     hist = tl.zeros([PADDED_BINS], tl.int32)
     total_hist = tl.zeros([PADDED_BINS], tl.int32)
 
-    lanes = tl.arange(0, BLOCK).to(tl.int64)
-    all_valid = tl.full([BLOCK], 1, tl.int1)
-    center = tl.full([], 0.0, ACC)
-    if ROWS:
-        first = tl.load(base + lo_idx + lanes, mask=lo_idx + lanes < hi_idx, other=0.0).to(ACC)
-        center = tl.sum(first, 0) / tl.minimum(hi_idx - lo_idx, BLOCK).to(ACC)
-        center = tl.where(tl.abs(center) < float("inf"), center, 0.0)
-    for block in range(first_full, last_full):  # full blocks: aligned, unmasked, 16-byte vector loads
-        offs = block * BLOCK + lanes
-        ptrs = tl.max_contiguous(tl.multiple_of(base + offs, 16), BLOCK)
-        x = tl.load(ptrs).to(ACC)
-        inv_count = 1.0 / (block - first_full + 1).to(tl.float32)  # the same for every lane
-        (sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist,
-         total_hist) = _accumulate(
-            x, all_valid, center, inv_count, lo, hi, scale, total_lo, total_hi, total_scale,
-            sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
-            ROWS, HIST, TOTAL_HIST, WIDE, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
-    # The partial blocks at either end of the chunk (empty when lo_idx / hi_idx are block-aligned).
-    count = tl.zeros([BLOCK], tl.float32) + tl.maximum(last_full - first_full, 0).to(tl.float32)
-    for edge in tl.static_range(2):
-        offs, valid = edge_block(edge, lo_idx, hi_idx, first_full, last_full, lanes, BLOCK)
-        x = tl.load(base + offs, mask=valid, other=0.0).to(ACC)
-        count += valid.to(tl.float32)
-        inv_count = 1.0 / tl.maximum(count, 1.0)
-        (sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist,
-         total_hist) = _accumulate(
-            x, valid, center, inv_count, lo, hi, scale, total_lo, total_hi, total_scale,
-            sum_d, mean, m2, abs_sum, max_x, min_x, fmax_x, fmin_x, zeros, nonfinite, hist, total_hist,
-            ROWS, HIST, TOTAL_HIST, WIDE, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
+    all_valid = tl.full([R, VEC], 1, tl.int1)
+    for block in range(first_full, last_full):  # full tiles: aligned, unmasked, 16-byte vector loads
+        ptrs = base + (block * BLOCK + lanes)
+        x = tl.load(tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, VEC])).to(ACC)
+        if ROWS:
+            sum_d, sum_d2, abs_sum, max_x, min_x, zeros = _moments(
+                x, all_valid, shift, sum_d, sum_d2, abs_sum, max_x, min_x, zeros, True, ZEROS)
+        if HIST != 0:
+            hist += _histogram(x, all_valid, lo, hi, scale, HIST, WIDE, MIN_EXP, MAX_EXP, BINS, PADDED_BINS,
+                               BLOCK)
+            if TOTAL_HIST:
+                total_hist += _histogram(x, all_valid, total_lo, total_hi, total_scale, HIST, WIDE, MIN_EXP,
+                                         MAX_EXP, BINS, PADDED_BINS, BLOCK)
+    for edge in tl.static_range(2):  # the partial tiles at either end, R elements a step (few registers)
+        edge_lo, edge_hi = edge_range(edge, lo_idx, hi_idx, first_full, last_full, BLOCK)
+        for start in range(edge_lo, edge_hi, R):
+            valid = (start + rows < edge_hi)[:, None]  # [R, 1]
+            x = tl.load(base + start + rows[:, None], mask=valid, other=0.0).to(ACC)
+            if ROWS:
+                count += tl.sum(valid.to(tl.int32), 1)
+                sum_d, sum_d2, abs_sum, max_x, min_x, zeros = _moments(
+                    x, valid, shift, sum_d, sum_d2, abs_sum, max_x, min_x, zeros, False, ZEROS)
+            if HIST != 0:
+                hist += _histogram(x, valid, lo, hi, scale, HIST, WIDE, MIN_EXP, MAX_EXP, BINS, PADDED_BINS,
+                                   R)
+                if TOTAL_HIST:
+                    total_hist += _histogram(x, valid, total_lo, total_hi, total_scale, HIST, WIDE, MIN_EXP,
+                                             MAX_EXP, BINS, PADDED_BINS, R)
 
     if ROWS:
-        # Chan's merge of the lanes' (count, mean, M2), in float64.
+        # Rows to the chunk by Chan's formula, in float64: n_r, mean_r = c_r + Σd/n_r, M2_r = Σd² - (Σd)²/n_r.
+        n_r = count.to(tl.float64)
+        sum_r = sum_d.to(tl.float64)
+        safe_n_r = tl.maximum(n_r, 1.0)
+        mean_r = shift.to(tl.float64) + sum_r / safe_n_r
         n = (hi_idx - lo_idx).to(tl.float64)
-        sum_deviations = tl.sum(sum_d.to(tl.float64), 0)
-        chunk_sum = n * center.to(tl.float64) + sum_deviations
-        deviation = mean.to(tl.float64) - sum_deviations / n
-        chunk_m2 = tl.sum(m2.to(tl.float64) + count.to(tl.float64) * deviation * deviation, 0)
+        chunk_sum = tl.sum(n_r * shift.to(tl.float64) + sum_r, 0)
+        spread = tl.where(n_r > 0, n_r * (mean_r - chunk_sum / n) * (mean_r - chunk_sum / n), 0.0)
+        chunk_m2 = tl.sum(sum_d2.to(tl.float64) - sum_r * sum_r / safe_n_r + spread, 0)
+        abs_total = tl.sum(abs_sum.to(tl.float64), 0)
+        chunk_max = tl.max(max_x, 0).to(tl.float64)
+        chunk_min = tl.min(min_x, 0).to(tl.float64)
+        nonfinite = tl.zeros([], tl.float64)
+        finite_max = chunk_max
+        finite_min = chunk_min
+        if not (abs_total < float("inf")):  # a NaN or Inf: count them and find the finite extremes
+            nonfinite_r = tl.zeros([R], tl.int32)
+            fmax_r = tl.full([R], float("-inf"), ACC)
+            fmin_r = tl.full([R], float("inf"), ACC)
+            for start in range(lo_idx, hi_idx, R):  # R elements a step: few registers for a rare path
+                in_chunk = start + rows < hi_idx
+                value = tl.load(base + start + rows, mask=in_chunk, other=0.0).to(ACC)
+                finite = in_chunk & (tl.abs(value) < float("inf"))
+                nonfinite_r += (in_chunk & ~finite).to(tl.int32)
+                fmax_r = tl.maximum(fmax_r, tl.where(finite, value, float("-inf")))
+                fmin_r = tl.minimum(fmin_r, tl.where(finite, value, float("inf")))
+            nonfinite = tl.sum(nonfinite_r, 0).to(tl.float64)
+            finite_max = tl.max(fmax_r, 0).to(tl.float64)
+            finite_min = tl.min(fmin_r, 0).to(tl.float64)
         row = partials + pid * NUM_FIELDS  # field order of fastgradstats.rows
         tl.store(row + 0, n)
         tl.store(row + 1, chunk_sum)
         tl.store(row + 2, chunk_m2)
-        tl.store(row + 3, tl.sum(abs_sum.to(tl.float64), 0))
-        tl.store(row + 4, tl.sum(zeros, 0).to(tl.float64))
-        tl.store(row + 5, tl.sum(nonfinite, 0).to(tl.float64))
-        tl.store(row + 6, tl.max(max_x, 0).to(tl.float64))
-        tl.store(row + 7, -tl.min(min_x, 0).to(tl.float64))
-        tl.store(row + 8, tl.max(fmax_x, 0).to(tl.float64))
-        tl.store(row + 9, -tl.min(fmin_x, 0).to(tl.float64))
-    if HIST != 0:
+        tl.store(row + 3, abs_total)
+        if ZEROS:
+            zero_count = tl.sum(zeros, 0)
+        else:  # counted in the histogram's zero slot
+            zero_count = tl.sum(tl.where(tl.arange(0, PADDED_BINS) == BINS, hist, 0), 0)
+        tl.store(row + 4, zero_count.to(tl.float64))
+        tl.store(row + 5, nonfinite)
+        tl.store(row + 6, chunk_max)
+        tl.store(row + 7, -chunk_min)
+        tl.store(row + 8, finite_max)
+        tl.store(row + 9, -finite_min)
+    if HIST == 1 and not WIDE:
+        _fold_fields(hist, tl.sum(zeros, 0), hist_out + out_row * BINS, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
+    elif HIST != 0:
         bins = tl.arange(0, PADDED_BINS)
         tl.atomic_add(hist_out + out_row * BINS + bins, hist.to(tl.int64), mask=bins < BINS)
         if TOTAL_HIST:
@@ -217,16 +295,19 @@ def raw_stats(
     spec: HistSpec | None = None,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
     before_ranges: Callable[[torch.Tensor], None] | None = None,
 ) -> RawStats:
     """Raw rows [L, K] float64 (and int64 histogram counts) of 1-D dense tensors on one device.
+
+    ``block_size``: elements per tile (default: TILE_BYTES of each dtype); tests pass small sizes.
 
     Launches, per dtype group, stage 1 (skipped when the group has no element) and stage 2; a linear
     histogram over per-layer data ranges adds one histogram-only stage 1 per group, after
     ``before_ranges(rows)`` when given (the distributed layer merges all ranks' maxima there). No host sync.
     """
-    check_sizes(chunk_size, block_size)
+    for dtype in {t.dtype for t in tensors}:
+        check_sizes(chunk_size, _block(dtype, block_size))
     num_layers = len(tensors)
     device = tensors[0].device
     rows = torch.empty(num_layers, K, dtype=torch.float64, device=device)
@@ -262,11 +343,26 @@ def raw_stats(
     return RawStats(rows, hist, total_hist)
 
 
+def _histogram_slots(spec: HistSpec | None, hist_mode: int, dtype: torch.dtype) -> int:
+    """Slots of the in-kernel histogram (see _histogram): exponent fields and an invalid-lane slot for 32-bit
+    log2, else the bins and their spill slots, rounded up to a power of two."""
+    if hist_mode == HIST_NONE:
+        return 1
+    if hist_mode == HIST_LOG2 and dtype != torch.float64:
+        return 512
+    return triton.next_power_of_2(spec.bins + 3)
+
+
+def _block(dtype: torch.dtype, block_size: int | None) -> int:
+    return TILE_BYTES // dtype.itemsize if block_size is None else block_size
+
+
 def _launch_chunks(table, dtype, spec, hist_mode, partials, hist, total_hist, ranges, chunk_size, block_size):
     """Launch stage 1 over a group's chunks: raw-row partials when ``partials`` is given, histograms per
     mode."""
     if table.num_chunks == 0:
         return
+    block_size = _block(dtype, block_size)
     unused = table.tensors  # any tensor will do for a pointer argument a specialization never reads
     _chunk_kernel[(table.num_chunks,)](
         table.tensors, table.chunks,
@@ -276,9 +372,9 @@ def _launch_chunks(table, dtype, spec, hist_mode, partials, hist, total_hist, ra
         unused if ranges is None else ranges,
         0 if ranges is None else ranges.shape[0] - 1,
         DTYPE=TL_DTYPES[dtype], ACC=tl.float64 if dtype == torch.float64 else tl.float32,
-        CHUNK=chunk_size, BLOCK=block_size, NUM_FIELDS=K,
+        CHUNK=chunk_size, BLOCK=block_size, VEC=min(16 // dtype.itemsize, block_size), NUM_FIELDS=K,
         ROWS=partials is not None, HIST=hist_mode, TOTAL_HIST=total_hist is not None,
         MIN_EXP=spec.min_exp if spec else 0, MAX_EXP=spec.max_exp if spec else 0,
-        BINS=spec.bins if spec else 1, PADDED_BINS=spec.padded_bins if spec else 1,
+        BINS=spec.bins if spec else 1, PADDED_BINS=_histogram_slots(spec, hist_mode, dtype),
         num_warps=NUM_WARPS,
     )

@@ -75,7 +75,7 @@ def test_every_finite_element_is_counted_by_a_data_range_histogram(backend):
     assert stats.total.hist.sum().item() == 5
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the Triton interpreter's Σ|x|
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy sums of inf
 def test_linear_histograms_agree_across_backends_on_random_extremes():
     generator = torch.Generator().manual_seed(0)
     magnitudes = torch.exp2(torch.randint(-149, 128, (4000,), generator=generator).double())

@@ -1,6 +1,6 @@
 """The static GPU model (kernels/roofline.py): every specialization the package launches compiles for sm_80
 and sm_90 with sane numbers, the bound formulas and the SASS reading are right on hand-made inputs, and the
-model reproduces the hand measurement of the fp32 stats kernel."""
+kernels meet issue 11's predicted budgets (or, where not yet, do not regress)."""
 
 import json
 import os
@@ -71,18 +71,44 @@ def test_variants_yield_name_kernel_signature_constexprs_and_warps(compiled):
     assert signature["tensor_table"] == "*i64" and "BLOCK" in constexprs
 
 
-def test_fp32_stats_variant_matches_the_hand_measurement(compiled):
-    """Measured by hand on sm_90 before this tool (all stats + log2 histogram, default configuration): 176
-    registers, 8 resident warps, 8 KB in flight per SM, 41 SASS instructions per element, 3 CTA barriers per
-    2048 elements, 38% of the H200 read floor. Update these figures when the kernel changes them."""
-    m = compiled[90]["tensor_stats_log2[fp32]"]
-    assert m["registers"] == pytest.approx(176, abs=16)
-    assert m["warps_per_sm"] == 8 and m["occupancy_limiter"] == "registers"
-    assert m["bytes_in_flight_per_sm"] == 8 * 1024
-    assert m["instructions_per_element"] == pytest.approx(41, rel=0.1)
-    assert (m["barriers_per_iteration"], m["elements_per_cta_iteration"]) == (3, 2048)
-    h200 = {p["gpu"]: p for p in m["predictions"]}["H200"]
-    assert h200["fraction"] == pytest.approx(0.38, abs=0.02)
+STREAMING_FAMILIES = ("tensor_stats", "tensor_stats_log2", "tensor_stats_ranges", "pair_stats",
+                      "pair_stats_origin")
+LINEAR_FAMILIES = ("tensor_stats_linear", "linear_hist")
+
+
+def _fractions(model: dict) -> dict[str, float]:
+    return {p["gpu"]: p["fraction"] for p in model["predictions"]}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streaming_statistics_are_predicted_near_the_read_floor(compiled, arch):
+    """Issue 11's budget: every data-streaming statistics variant at >= 0.85 of the read floor, with >= 24 KB
+    of loads in flight per SM."""
+    for family in STREAMING_FAMILIES:
+        for dtype in DTYPES:
+            m = compiled[arch][f"{family}[{dtype}]"]
+            assert min(_fractions(m).values()) >= 0.85, (m["name"], _fractions(m))
+            assert m["bytes_in_flight_per_sm"] >= 24 * 1024, m["name"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_statistics_without_histogram_have_no_barrier_in_their_loop(compiled, arch):
+    for family in ("tensor_stats", "tensor_stats_ranges", "pair_stats", "pair_stats_origin"):
+        for dtype in DTYPES:
+            assert compiled[arch][f"{family}[{dtype}]"]["barriers_per_iteration"] == 0, (family, dtype)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_histogram_barriers_and_linear_passes_do_not_regress(compiled, arch):
+    """Not yet at issue 11's budgets (linear passes >= 0.6, at most one barrier per 16K elements): these pin
+    today's figures so that they can only improve. tl.histogram issues 3 CTA barriers per call, one call per
+    16 KB tile; the linear bins need a correctly rounded float32 division per element (torch.histc's rule)."""
+    for dtype in DTYPES:
+        m = compiled[arch][f"tensor_stats_log2[{dtype}]"]
+        assert m["barriers_per_iteration"] <= 3 and m["elements_per_cta_iteration"] >= 4096, m["name"]
+        for family in LINEAR_FAMILIES:
+            m = compiled[arch][f"{family}[{dtype}]"]
+            assert min(_fractions(m).values()) >= 0.2, (m["name"], _fractions(m))
 
 
 def test_issue_and_little_bounds_on_a_toy_gpu():
