@@ -4,16 +4,19 @@ For each workload (a list of tensor shapes filled with ``randn * 1e-3``, the sca
 statistic family, it times our call, the baselines people write today and a read floor (one ``torch.sum`` over
 a single buffer of the same bytes), all in the same run. Every row reports the median time, the bytes read
 (Σ numel × itemsize over the lists the family reads), GB/s, the fraction of the read floor (floor time / time)
-and, for our rows, the speedup over each baseline of the family, the kernel launches per call (Triton backend)
-and the host syncs per call (CUDA). Rows are printed as a table and appended as JSON lines to a results file.
+and, for our rows, the speedup over each baseline of the family. Every row also has the launches of one call
+(torch ops and Triton kernels, counted by :mod:`fastgradstats.launches`: what a GPU would launch, whatever the
+device) and, on CUDA, its host syncs. Rows are printed as a table and appended as JSON lines to a results
+file. On CUDA, times come from CUDA events around each call.
 
     fastgradstats bench                                  # gpt2-small on the CPU; all workloads on CUDA
     fastgradstats bench --workload 7b --family pair --repeats 50
+    bench.run(["1b"], dtypes=[torch.float32])            # a workload's shapes in another dtype
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
 import importlib.metadata
 import json
@@ -23,7 +26,7 @@ import statistics
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 import fastgradstats as fgs
 from fastgradstats.dispatch import resolve_backend
 
+from .launches import count_launches
 from .workloads import DEFAULT_WORKLOADS, GRADIENT_SCALE, WORKLOADS, Workload
 
 DEFAULT_RESULTS = Path("benchmarks/results/results.jsonl")
@@ -132,8 +136,9 @@ class Row:
     floor_fraction: float | None
     speedups: dict[str, float] = field(default_factory=dict)  # ours only: baseline ms / our ms
     baseline_ms: dict[str, float | None] = field(default_factory=dict)  # ours only
-    launches: int | None = None  # ours with the Triton backend: kernel launches per call
-    host_syncs: int | None = None  # ours on CUDA: synchronizing CUDA calls per call
+    launches: int | None = None  # launches per call: torch ops and Triton kernels (fastgradstats.launches)
+    launch_ops: dict[str, int] = field(default_factory=dict)  # those launches by op or kernel name
+    host_syncs: int | None = None  # on CUDA: synchronizing CUDA calls per call
     error: str | None = None
 
 
@@ -162,51 +167,8 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
     return statistics.median(times)
 
 
-class _CountingKernel:
-    """Stands in for a ``@triton.jit`` function: ``kernel[grid](...)`` launches it and counts one."""
-
-    def __init__(self, kernel, counter: list[int]) -> None:
-        self.kernel, self.counter = kernel, counter
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def counted(*args, **kwargs):
-            self.counter[0] += 1
-            return launch(*args, **kwargs)
-
-        return counted
-
-
-@contextlib.contextmanager
-def counting_launches() -> Iterator[list[int]]:
-    """Within the block, ``counter[0]`` counts the launches of every fastgradstats Triton kernel."""
-    from fastgradstats.kernels import merge, pair_stats, tensor_stats
-
-    counter = [0]
-    kernels = [(tensor_stats, "_chunk_kernel"), (pair_stats, "_pair_chunk_kernel"), (merge, "_merge_kernel")]
-    originals = [getattr(module, name) for module, name in kernels]
-    try:
-        for (module, name), kernel in zip(kernels, originals):
-            setattr(module, name, _CountingKernel(kernel, counter))
-        yield counter
-    finally:
-        for (module, name), kernel in zip(kernels, originals):
-            setattr(module, name, kernel)
-
-
-def count_launches(fn: Callable[[], object]) -> int:
-    """Triton kernel launches made by one call of ``fn``."""
-    with counting_launches() as counter:
-        fn()
-    return counter[0]
-
-
-def count_host_syncs(fn: Callable[[], object], device: torch.device) -> int | None:
-    """Synchronizing CUDA calls made by one call of ``fn`` (seen by ``set_sync_debug_mode("warn")``); None
-    off CUDA."""
-    if device.type != "cuda":
-        return None
+def count_cuda_syncs(fn: Callable[[], object]) -> int:
+    """Synchronizing CUDA calls made by one call of ``fn`` (seen by ``set_sync_debug_mode("warn")``)."""
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -235,62 +197,79 @@ def read_floor(num_bytes: int, dtype: torch.dtype, device: torch.device) -> Call
     return functools.partial(torch.sum, buffer)
 
 
-class Timings:
-    """Median times on one workload, each measured once: a baseline shared by families, the floor of a size.
+@dataclass
+class Measured:
+    """One candidate's numbers on one workload (all None but ``error`` when it raised)."""
 
-    A measurement that raises a RuntimeError (out of memory included) is kept as (None, the error message).
+    ms: float | None = None
+    launches: int | None = None
+    launch_ops: dict[str, int] = field(default_factory=dict)
+    host_syncs: int | None = None
+    error: str | None = None
+
+
+class Timings:
+    """Candidates measured on one workload, each once: a baseline shared by families, the floor of a size.
+
+    A measurement that raises a RuntimeError (out of memory included) is kept as its error message.
     """
 
     def __init__(self, device: torch.device, repeats: int, warmup: int) -> None:
         self.device, self.repeats, self.warmup = device, repeats, warmup
-        self.measured: dict[str, tuple[float | None, str | None]] = {}
+        self.measured: dict[str, Measured] = {}
 
-    def time(self, key: str, fn: Callable[[], object]) -> tuple[float | None, str | None]:
-        """(median ms of ``fn()``, None), or (None, error)."""
-        return self._once(key, lambda: median_ms(fn, self.device, self.repeats, self.warmup))
+    def time(self, key: str, fn: Callable[[], object]) -> Measured:
+        """The median ms of ``fn()``, then the launches and host syncs of one more call."""
+        return self._once(key, lambda: self._measure(fn))
 
-    def floor(self, num_bytes: int, dtype: torch.dtype) -> tuple[float | None, str | None]:
-        """(read floor ms of ``num_bytes``, None), or (None, error)."""
-        return self._once(f"{FLOOR} {num_bytes}", lambda: median_ms(
-            read_floor(num_bytes, dtype, self.device), self.device, self.repeats, self.warmup))
+    def floor(self, num_bytes: int, dtype: torch.dtype) -> Measured:
+        """The read floor of ``num_bytes`` (its buffer made once, when first asked for)."""
+        return self._once(f"{FLOOR} {num_bytes}",
+                          lambda: self._measure(read_floor(num_bytes, dtype, self.device)))
 
-    def _once(self, key: str, measure: Callable[[], float]) -> tuple[float | None, str | None]:
+    def _once(self, key: str, measure: Callable[[], Measured]) -> Measured:
         if key not in self.measured:
             try:
-                self.measured[key] = measure(), None
+                self.measured[key] = measure()
             except RuntimeError as error:
-                self.measured[key] = None, f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+                self.measured[key] = Measured(error=f"{type(error).__name__}: "
+                                                    f"{(str(error).splitlines() or [''])[0]}")
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
         return self.measured[key]
+
+    def _measure(self, fn: Callable[[], object]) -> Measured:
+        ms = median_ms(fn, self.device, self.repeats, self.warmup)
+        with count_launches() as launches:
+            fn()
+        syncs = count_cuda_syncs(fn) if self.device.type == "cuda" else None
+        return Measured(ms, launches.total, dict((launches.triton + launches.torch_ops).most_common()), syncs)
 
 
 def family_rows(
     workload: Workload, family: str, a: list[torch.Tensor], b: list[torch.Tensor], timings: Timings,
     backend: str | None,
 ) -> list[Row]:
-    """Rows of one family: ours (with launches and host syncs), the family's baselines, the read floor."""
+    """Rows of one family: ours (with its speedups), the family's baselines, the read floor."""
     num_bytes = workload.num_bytes * LISTS_READ.get(family, 1)
-    floor_ms, floor_error = timings.floor(num_bytes, workload.dtype)
+    floor = timings.floor(num_bytes, workload.dtype)
 
-    def row(candidate: str, ms: float | None, error: str | None) -> Row:
+    def row(candidate: str, measured: Measured) -> Row:
+        ms = measured.ms
         return Row(workload.name, family, candidate, ms, num_bytes,
                    gb_per_s=None if ms is None else num_bytes / ms / 1e6,
-                   floor_fraction=None if ms is None or floor_ms is None else floor_ms / ms, error=error)
+                   floor_fraction=None if ms is None or floor.ms is None else floor.ms / ms,
+                   launches=measured.launches, launch_ops=measured.launch_ops, host_syncs=measured.host_syncs,
+                   error=measured.error)
 
-    call = functools.partial(ours(family, backend), a, b)
-    our_row = row(OURS, *timings.time(f"{OURS} {family}", call))
-    if our_row.ms is not None:
-        if resolve_backend(backend, timings.device) == "triton":
-            our_row.launches = count_launches(call)
-        our_row.host_syncs = count_host_syncs(call, timings.device)
-    baseline_rows = [row(name, *timings.time(name, functools.partial(BASELINES[name], a, b)))
+    our_row = row(OURS, timings.time(f"{OURS} {family}", functools.partial(ours(family, backend), a, b)))
+    baseline_rows = [row(name, timings.time(name, functools.partial(BASELINES[name], a, b)))
                      for name in FAMILIES[family]]
     for baseline in baseline_rows:
         our_row.baseline_ms[baseline.candidate] = baseline.ms
         if baseline.ms is not None and our_row.ms is not None:
             our_row.speedups[baseline.candidate] = baseline.ms / our_row.ms
-    return [our_row, *baseline_rows, row(FLOOR, floor_ms, floor_error)]
+    return [our_row, *baseline_rows, row(FLOOR, floor)]
 
 
 def bench_workload(
@@ -399,12 +378,14 @@ def run(
     backend: str | None = None,
     results: str | Path | None = DEFAULT_RESULTS,
     warmup: int | None = None,
+    dtypes: Sequence[torch.dtype] | None = None,
 ) -> list[Row]:
     """Benchmark ``workloads`` × ``families``, print a table per workload and append the rows to ``results``.
 
     Defaults: every family; on CUDA (the default device when available) gpt2-small, 1b, 7b and many-small with
-    20 repeats after 3 warm-up calls, on the CPU gpt2-small with 5 repeats after 1. A workload that needs more
-    than the free memory (2 lists, plus 2 per list a family reads) is skipped. ``results=None`` saves nothing.
+    20 repeats after 3 warm-up calls, on the CPU gpt2-small with 5 repeats after 1; each workload in its own
+    dtype, or in each of ``dtypes``. A workload that needs more than the free memory (2 lists, plus 2 per list
+    a family reads) is skipped. ``results=None`` saves nothing.
 
     Example::
 
@@ -420,8 +401,11 @@ def run(
     warmup = warmup if warmup is not None else (3 if on_cuda else 1)
     env = environment(device, backend)
     rows: list[Row] = []
-    for workload in workloads or DEFAULT_WORKLOADS["cuda" if on_cuda else "cpu"]:
-        workload = WORKLOADS[workload] if isinstance(workload, str) else workload
+    chosen = [WORKLOADS[w] if isinstance(w, str) else w
+              for w in workloads or DEFAULT_WORKLOADS["cuda" if on_cuda else "cpu"]]
+    if dtypes is not None:
+        chosen = [dataclasses.replace(workload, dtype=dtype) for workload in chosen for dtype in dtypes]
+    for workload in chosen:
         needed = workload.num_bytes * (2 + max([LISTS_READ.get(f, 0) for f in families]) * 2)
         free = free_bytes(device)
         if free is not None and needed > free:
@@ -436,3 +420,57 @@ def run(
         if on_cuda:
             torch.cuda.empty_cache()
     return rows
+
+
+# The kernels one call of a family runs over its bytes, in turn, as kernels/roofline.py names them.
+ROOFLINE_FAMILIES = {
+    "stats+log2": ("tensor_stats_log2",),
+    "stats": ("tensor_stats",),
+    "linear-hist": ("tensor_stats_ranges", "linear_hist"),
+    "pair": ("pair_stats",),
+}
+_ROOFLINE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+
+
+def predicted_fraction(family: str, dtype: str, models: Sequence[dict], gpu: str) -> float | None:
+    """The roofline's predicted fraction of ``gpu``'s datasheet read floor for one call of ``family`` on
+    ``dtype`` ("bfloat16"), from the models of ``python -m fastgradstats.kernels.roofline --json``; None
+    without a model. Kernels that each read the bytes once add their times: 1 / Σ 1/fraction."""
+    by_name = {(m["name"], p["gpu"]): p["fraction"] for m in models for p in m["predictions"]}
+    dtype = _ROOFLINE_DTYPES.get(dtype, dtype)
+    fractions = [by_name.get((f"{kernel}[{dtype}]", gpu)) for kernel in ROOFLINE_FAMILIES.get(family, ())]
+    if not fractions or None in fractions:
+        return None
+    return 1 / sum(1 / fraction for fraction in fractions)
+
+
+def roofline_table(records: Sequence[dict], models: Sequence[dict], gpu: str = "H200") -> str:
+    """Our rows (JSON records of a results file) beside the roofline's prediction for ``gpu``.
+
+    "of floor": the measured fraction of the torch.sum read floor; "of HBM": the measured GB/s over the
+    datasheet bandwidth the roofline assumes; "predicted": the roofline's fraction of that bandwidth.
+    """
+    datasheet_gbs = _datasheet_gbs(gpu)
+    lines = [f"measured vs roofline, {gpu} ({_cell(datasheet_gbs, ',.0f')} GB/s datasheet)",
+             (f"{'workload':<11} {'dtype':<9} {'family':<12} {'ms':>9} {'GB/s':>8} {'of floor':>9} "
+              f"{'of HBM':>7} {'predicted':>9} {'launches':>9}")]
+    for r in records:
+        if r["candidate"] != OURS:
+            continue
+        of_hbm = r["gb_per_s"] / datasheet_gbs if r["gb_per_s"] is not None and datasheet_gbs else None
+        cells = (_cell(r["ms"], ",.3f"), _cell(r["gb_per_s"], ".1f"), _cell(r["floor_fraction"], ".3f"),
+                 _cell(of_hbm, ".3f"), _cell(predicted_fraction(r["family"], r["dtype"], models, gpu), ".3f"),
+                 _cell(r.get("launches"), "d"))
+        line = f"{r['workload']:<11} {r['dtype']:<9} {r['family']:<12} " + " ".join(
+            f"{cell:>{width}}" for cell, width in zip(cells, (9, 8, 9, 7, 9, 9)))
+        lines.append(line + (f"  {r['error']}" if r.get("error") else ""))
+    return "\n".join(lines)
+
+
+def _datasheet_gbs(gpu: str) -> float | None:
+    """The datasheet HBM bandwidth (GB/s) the roofline assumes for ``gpu``; None without Triton."""
+    try:
+        from fastgradstats.kernels.roofline import GPUS
+    except ImportError:
+        return None
+    return next((g.bandwidth_tbs * 1e3 for gpus in GPUS.values() for g in gpus if g.name == gpu), None)

@@ -1,15 +1,19 @@
 """Choosing a backend and asking it for raw rows.
 
 Order of choice: the ``backend=`` argument, else the ``FASTGRADSTATS_BACKEND`` environment variable, else
-"triton" for CUDA tensors when Triton imports, "native" (compiled C, :mod:`fastgradstats.native_backend`) for
-CPU tensors when a C compiler builds it, and "torch" otherwise. "triton" on CPU tensors runs only under
-``TRITON_INTERPRET=1`` (Triton's numpy interpreter, used by the tests).
+"triton" for CUDA tensors when a recent enough Triton imports (:data:`TRITON_MIN_VERSION`), "native"
+(compiled C, :mod:`fastgradstats.native_backend`) for CPU tensors when a C compiler builds it, and "torch"
+otherwise. "triton" on CPU tensors runs only under ``TRITON_INTERPRET=1`` (Triton's numpy interpreter, used by
+the tests). Triton kernels launch on the tensors' device, whichever device is current.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import re
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -23,16 +27,54 @@ from .rows import PAIR_K, RawStats
 BACKENDS = ("torch", "native", "triton")
 _RAW_STATS = {"torch": torch_backend.raw_stats, "native": native_backend.raw_stats}
 _PAIR_RAW_STATS = {"torch": torch_backend.pair_raw_stats, "native": native_backend.pair_raw_stats}
+# The oldest Triton the kernels run on: setup.py's "triton>=3.4" (tl.histogram(..., mask=) came in 3.4).
+TRITON_MIN_VERSION = (3, 4)
+_warned_old_triton = False
+
+
+def triton_version() -> str | None:
+    """The installed Triton's version string, or None when Triton does not import."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def parse_version(version: str) -> tuple[int, ...]:
+    """The leading release numbers of a version string: "3.4.0+git1a2b" -> (3, 4, 0)."""
+    match = re.match(r"\d+(\.\d+)*", version.strip())
+    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
 
 
 @functools.cache
-def triton_available() -> bool:
-    """True when Triton and the package's kernels import."""
+def triton_unavailable_reason() -> str | None:
+    """Why the Triton backend cannot run (not installed, too old, kernels fail to import), or None."""
+    version = triton_version()
+    if version is None:
+        return "needs the triton package: pip install 'fastgradstats[triton]'"
+    if parse_version(version) < TRITON_MIN_VERSION:
+        need = ".".join(map(str, TRITON_MIN_VERSION))
+        return f"needs triton >= {need}, but triton {version} is installed"
     try:
         import fastgradstats.kernels  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except ImportError as error:
+        return f"cannot import its kernels with triton {version}: {error}"
+    return None
+
+
+def triton_available() -> bool:
+    """True when a recent enough Triton and the package's kernels import."""
+    return triton_unavailable_reason() is None
+
+
+def _warn_old_triton_once() -> None:
+    """One warning per process when an installed Triton cannot run the kernels and CUDA tensors fall back."""
+    global _warned_old_triton
+    if not _warned_old_triton and triton_version() is not None:
+        _warned_old_triton = True
+        warnings.warn(f"fastgradstats: using the torch backend on CUDA: the triton backend "
+                      f"{triton_unavailable_reason()}", RuntimeWarning, stacklevel=3)
 
 
 def resolve_backend(backend: str | None, device: torch.device | None) -> str:
@@ -47,8 +89,10 @@ def resolve_backend(backend: str | None, device: torch.device | None) -> str:
     if device is None:
         return "torch"
     if name is None:
-        if device.type == "cuda" and triton_available():
-            return "triton"
+        if device.type == "cuda":
+            if triton_available():
+                return "triton"
+            _warn_old_triton_once()
         return "native" if device.type == "cpu" and native_backend.available() else "torch"
     if name == "native":
         if device.type != "cpu":
@@ -57,7 +101,7 @@ def resolve_backend(backend: str | None, device: torch.device | None) -> str:
             raise ValueError(f"backend 'native' is unavailable: {native_backend.unavailable_reason()}")
     if name == "triton":
         if not triton_available():
-            raise ValueError("backend 'triton' needs the triton package: pip install 'fastgradstats[triton]'")
+            raise ValueError(f"backend 'triton' {triton_unavailable_reason()}")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"backend 'triton' needs CUDA tensors (got {device}) or TRITON_INTERPRET=1")
     return name
@@ -80,7 +124,8 @@ def raw_stats(
     else:
         from fastgradstats.kernels import raw_stats as triton_raw_stats
 
-        compute = functools.partial(triton_raw_stats, [flat_elements(t) for t in tensors], spec)
+        compute = functools.partial(_launched_on, tensors[0].device, triton_raw_stats,
+                                    [flat_elements(t) for t in tensors], spec)
     if reducer is None:
         return compute()
     maxima_merged = []
@@ -114,10 +159,17 @@ def pair_raw_stats(
     else:
         from fastgradstats.kernels import pair_raw_stats as triton_pair_raw_stats
 
-        rows = triton_pair_raw_stats(a, b, origin)
+        rows = _launched_on(a[0].device, triton_pair_raw_stats, a, b, origin)
     if reducer is not None:
         reducer.merge_sums(RawStats(rows), first_max=PAIR_K)
     return rows
+
+
+def _launched_on(device: torch.device, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with ``device`` as the current CUDA device: Triton launches on the current
+    device, which need not be the tensors' (tensors on cuda:1 while cuda:0 is current)."""
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return fn(*args, **kwargs)
 
 
 def _resolved(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,7 +1,11 @@
 """The benchmark module and the ``fastgradstats bench`` command, on a few small tensors with one repeat."""
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,13 +13,14 @@ from conftest import DEVICE, requires_cuda
 
 import fastgradstats as fgs
 from fastgradstats import bench
+from fastgradstats import launches as bench_launches
 from fastgradstats.cli import main
 
 SMALL = bench.Workload("small", ((3, 5), (40,), (2, 3, 4)))
 SMALL_BF16 = bench.Workload("small-bf16", SMALL.shapes, torch.bfloat16)
 ENVIRONMENT_FIELDS = {"date", "commit", "device", "torch", "triton", "backend", "dtype", "tensors", "repeats"}
 ROW_FIELDS = {"workload", "family", "candidate", "ms", "bytes", "gb_per_s", "floor_fraction", "speedups",
-              "baseline_ms", "launches", "host_syncs", "error"}
+              "baseline_ms", "launches", "launch_ops", "host_syncs", "error"}
 needs_triton = pytest.mark.skipif(not fgs.dispatch.triton_available(), reason="needs triton")
 
 
@@ -106,28 +111,64 @@ def test_a_workload_larger_than_free_memory_is_skipped(monkeypatch, capsys):
     assert "small: skipped" in capsys.readouterr().out
 
 
-def test_torch_backend_reports_no_launch_count():
-    ours = run_small(families=["stats"], backend="torch")[0]
-    assert ours.launches is None
-    assert ours.host_syncs == (0 if DEVICE == "cuda" else None)
+def test_every_row_counts_the_launches_of_one_call():
+    rows = run_small(families=["stats", "linear-hist"], backend="torch")
+    for row in rows:
+        assert row.launches >= 1 and row.launches == sum(row.launch_ops.values()), row
+    by_candidate = {row.candidate: row for row in rows}
+    assert by_candidate[bench.FLOOR].launch_ops == {"aten.sum": 1}
+    assert by_candidate["norm-loop"].launch_ops == {"aten.linalg_vector_norm": len(SMALL.shapes)}
+
+
+def test_host_syncs_are_counted_for_every_candidate_on_cuda():
+    rows = run_small(families=["linear-hist"], backend="torch")
+    syncs = {row.candidate: row.host_syncs for row in rows}
+    if DEVICE == "cuda":
+        assert syncs == {"ours": 0, "wandb-loop": 2 * len(SMALL.shapes), "read-floor": 0}  # min, max .item()
+    else:
+        assert syncs == dict.fromkeys(syncs, None)
 
 
 @needs_triton
 def test_triton_launches_are_counted_per_call():
     rows = run_small(backend="triton")
-    launches = {row.family: row.launches for row in rows if row.candidate == bench.OURS}
-    assert launches == {"stats+log2": 2, "stats": 2, "linear-hist": 3, "pair": 2, "trajectory": 0}
-    assert all(row.launches is None for row in rows if row.candidate != bench.OURS)
+    for row in rows:
+        assert row.launches == sum(row.launch_ops.values()), row
+    ours = {row.family: row.launch_ops for row in rows if row.candidate == bench.OURS}
+    for family in ("stats+log2", "stats", "linear-hist", "pair"):  # our Triton kernels are counted
+        assert any(not name.startswith("aten.") for name in ours[family]), ours[family]
+    theirs = [name for row in rows if row.candidate != bench.OURS for name in row.launch_ops]
+    assert theirs and all(name.startswith("aten.") for name in theirs)
 
 
-@needs_triton
-def test_launch_counting_sees_one_pair_of_launches_per_dtype_and_restores_the_kernels():
-    from fastgradstats.kernels import merge, tensor_stats
+def test_workloads_run_in_each_given_dtype(tmp_path):
+    path = tmp_path / "results.jsonl"
+    rows = run_small(families=["stats"], dtypes=[torch.bfloat16, torch.float32], results=path)
+    assert [row.bytes for row in rows] == [79 * 2] * 4 + [79 * 4] * 4
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["dtype"] for r in records] == ["bfloat16"] * 4 + ["float32"] * 4
 
-    chunk_kernel, merge_kernel = tensor_stats._chunk_kernel, merge._merge_kernel
-    tensors = [torch.ones(5, device=DEVICE), torch.ones(7, device=DEVICE, dtype=torch.bfloat16)]
-    assert bench.count_launches(lambda: fgs.tensor_stats(tensors, backend="triton")) == 4
-    assert tensor_stats._chunk_kernel is chunk_kernel and merge._merge_kernel is merge_kernel
+
+def test_roofline_table_sets_the_prediction_beside_the_measured_fraction():
+    def model(name, fraction):
+        return {"name": name, "predictions": [{"gpu": "H100 SXM", "fraction": 1.0},
+                                              {"gpu": "H200", "fraction": fraction}]}
+
+    models = [model("tensor_stats_log2[bf16]", 0.6), model("tensor_stats_ranges[bf16]", 0.75),
+              model("linear_hist[bf16]", 0.25)]
+    assert bench.predicted_fraction("stats+log2", "bfloat16", models, "H200") == 0.6
+    assert bench.predicted_fraction("linear-hist", "bfloat16", models, "H200") == pytest.approx(
+        1 / (1 / 0.75 + 1 / 0.25))
+    assert bench.predicted_fraction("stats", "bfloat16", models, "H200") is None
+    assert bench.predicted_fraction("trajectory", "bfloat16", models, "H200") is None
+    records = [{"workload": "1b", "dtype": "bfloat16", "family": "stats+log2", "candidate": "ours", "ms": 1.0,
+                "gb_per_s": 2400.0, "floor_fraction": 0.55, "launches": 90, "error": None},
+               {"workload": "1b", "dtype": "bfloat16", "family": "stats+log2", "candidate": "norm-loop",
+                "ms": 3.0, "gb_per_s": 800.0, "floor_fraction": 0.2, "launches": 291, "error": None}]
+    table = bench.roofline_table(records, models, "H200").splitlines()
+    assert len(table) == 3 and "4,800 GB/s" in table[0]
+    assert table[2].split() == ["1b", "bfloat16", "stats+log2", "1.000", "2400.0", "0.550", "0.500", "0.600",
+                                "90"]
 
 
 @requires_cuda
@@ -171,3 +212,36 @@ def test_cli_bench_rejects_bad_options(option):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench", "--no-save", *option])
     assert exit_info.value.code == 2
+
+
+DEVICE_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.sh"
+
+
+def test_device_check_script_parses():
+    subprocess.run(["bash", "-n", str(DEVICE_CHECK)], check=True)
+
+
+@needs_triton
+def test_device_check_dry_run_records_every_step_and_goes_on_after_a_failure(tmp_path):
+    roofline = tmp_path / "given-roofline.json"
+    roofline.write_text(json.dumps([{"name": "tensor_stats_log2[bf16]",
+                                     "predictions": [{"gpu": "H200", "fraction": 0.6}]}]))
+    out = tmp_path / "out"
+    environment = {**os.environ, "OUT": str(out), "DEVICE_CHECK_DRY_RUN": "1", "PYTHON": sys.executable,
+                   "ROOFLINE_JSON": str(roofline), "DEVICE_CHECK_BENCH": "no-such-workload:float32:all "
+                   "tiny:bfloat16,float32:stats+log2,pair", "DEVICE_CHECK_BUDGET_S": "120"}
+    done = subprocess.run(["bash", str(DEVICE_CHECK)], env=environment, capture_output=True, text=True,
+                          timeout=150, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    steps = dict(line.split("\t")[:2] for line in (out / "steps.tsv").read_text().splitlines()[1:])
+    assert steps == {"env": "ok", "install": "skipped (dry run)", "gpu-tests": "ok", "launches": "ok",
+                     "bench-no-such-workload-float32": "failed (1)", "bench-tiny-bfloat16-float32": "ok",
+                     "roofline": "ok", "compare": "ok"}, done.stdout
+    files = sorted(path.name for path in out.iterdir())  # a lent machine returns at most 8 files
+    assert files == ["device_check.log", "launches.json", "results.jsonl", "roofline.json", "steps.tsv"]
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {(r["workload"], r["dtype"]) for r in records} == {("tiny", "bfloat16"), ("tiny", "float32")}
+    assert set(json.loads((out / "launches.json").read_text())["calls"]) == set(bench_launches.CALLS)
+    summary = done.stdout[done.stdout.index("measured vs roofline"):]
+    assert "tiny        bfloat16  stats+log2" in summary and " 0.600 " in summary
+    assert "FAILED: bench-no-such-workload-float32: failed (1)" in done.stdout

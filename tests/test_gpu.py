@@ -8,6 +8,7 @@ import torch
 from conftest import requires_cuda
 
 import fastgradstats as fgs
+from fastgradstats import launches
 from fastgradstats.dense import is_dense
 from fastgradstats.dispatch import resolve_backend
 
@@ -247,3 +248,69 @@ def test_single_tensor_over_2_31_elements():
         assert torch.equal(stats.hist[fused_row], reference.hist[reference_row])
         torch.testing.assert_close(stats.l2[fused_row], reference.l2[reference_row])
         assert stats.numel[fused_row] == reference.numel[reference_row]
+
+
+# --- the tensors' device, not the current one ---------------------------------------------------------------
+
+
+def test_calls_on_cuda_1_while_cuda_0_is_current():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    second = torch.device("cuda", 1)
+    layers = [t.to(second) for t in make_layers(torch.float32) + make_layers(torch.bfloat16, seed=1)]
+    others = [t.to(second) for t in make_layers(torch.float32, seed=2) + make_layers(torch.bfloat16, seed=3)]
+    with torch.cuda.device(0):
+        stats = fgs.tensor_stats(layers, hist="log2", backend="triton")
+        linear = fgs.tensor_stats(layers, hist="linear", backend="triton")
+        pairs = fgs.pair_stats(layers, others, backend="triton")
+        torch.cuda.synchronize(second)
+    assert stats.rows.device == second and pairs.rows.device == second
+    reference = fgs.tensor_stats(layers, hist="log2", backend="torch")
+    assert_same_stats(stats, reference)
+    assert_same_stats(stats.total, reference.total)
+    assert_same_stats(linear, fgs.tensor_stats(layers, hist="linear", backend="torch"))
+    pair_reference = fgs.pair_stats(layers, others, backend="torch")
+    assert_within(pairs.dot, pair_reference.dot, 1e-5 * pair_reference.a_l2 * pair_reference.b_l2, "dot")
+
+
+# --- every public call under set_sync_debug_mode("error") ---------------------------------------------------
+
+
+def public_calls(model, layers, others):
+    """Every public statistics call on CUDA tensors, each reading all it returns (device-side)."""
+    monitor = fgs.Monitor(model, track=("grad", "param", "update", "grad_cos", "init"), sinks=())
+    calls = {f"tensor_stats hist={hist} {kwargs}": (lambda hist=hist, kwargs=kwargs: read_every_field(
+        fgs.tensor_stats(layers, hist=hist, **kwargs))) for hist, kwargs in (
+        (None, {}), ("log2", {}), ("linear", {}), ("linear", {"range": (-1.0, 1.0), "bins": 16}))}
+    return {
+        **calls,
+        "grad_stats": lambda: read_every_field(fgs.grad_stats(model, hist="log2")),
+        "param_stats": lambda: read_every_field(fgs.param_stats(model.parameters(), hist="log2")),
+        "pair_stats": lambda: launches.read_every_field(fgs.pair_stats(layers, others)),
+        "pair_stats origin": lambda: launches.read_every_field(fgs.pair_stats(layers, others, origin=layers)),
+        "cosine_similarity": lambda: fgs.cosine_similarity(layers, others),
+        "clip_grad_norm_ 2": lambda: fgs.clip_grad_norm_(model.parameters(), 1e-3),
+        "clip_grad_norm_ inf": lambda: fgs.clip_grad_norm_(model.parameters(), 1e-3, float("inf")),
+        "clip_grad_norm_ stats": lambda: read_every_field(
+            fgs.clip_grad_norm_(model.parameters(), 1e-3, return_stats=True)[1]),
+        "Monitor.step": monitor.step,
+    }
+
+
+def test_every_public_call_runs_under_sync_debug_error():
+    def two_dtypes(seed):  # without the strided view, copied (a new address, a new segment table) each call
+        layers = make_layers(torch.float32, seed) + make_layers(torch.bfloat16, seed + 1)
+        return [t for t in layers if is_dense(t)]
+
+    calls = public_calls(grad_model(), two_dtypes(0), two_dtypes(2))
+    for call in calls.values():  # compile, fill the caches, give the Monitor its earlier steps
+        call()
+        call()
+    failed = {}
+    for name, call in calls.items():
+        try:
+            with sync_is_an_error():
+                call()
+        except RuntimeError as error:
+            failed[name] = str(error).splitlines()[0]
+    assert not failed, failed
