@@ -1,4 +1,5 @@
-"""Compile every kernel variant for a GPU architecture without a GPU and read the PTX.
+"""Compile every kernel variant the package launches (:func:`.roofline.variants`) for a GPU architecture
+without a GPU and read the PTX.
 
 ``python -m fastgradstats.kernels.ptx_check [--arch 90]`` prints, per kernel variant, its global load widths,
 whether its full blocks load 16 bytes per instruction (``ld.global.v4``) and whether anything spills to local
@@ -12,13 +13,10 @@ import re
 from dataclasses import dataclass
 
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import merge, pair_stats, tensor_stats
-
-CHUNK, BLOCK = tensor_stats.DEFAULT_CHUNK_SIZE, tensor_stats.DEFAULT_BLOCK_SIZE
+from . import merge, roofline
 
 
 @dataclass
@@ -39,36 +37,11 @@ class PtxReport:
                 f"{' '.join(self.loads)}")
 
 
-def _variants():
-    """(name, kernel, pointer signature, constexprs, num_warps) of every specialisation we launch."""
-    stats_sig = {"tensor_table": "*i64", "chunk_table": "*i64", "partials": "*fp64", "hist_out": "*i64",
-                 "total_hist_out": "*i64", "ranges": "*fp32", "num_layers": "i64"}
-    for dtype in (tl.float32, tl.bfloat16, tl.float16):
-        for rows, hist, total in ((True, 0, False), (True, 1, False), (True, 2, False), (False, 2, True)):
-            constexprs = {"DTYPE": dtype, "ACC": tl.float32, "CHUNK": CHUNK, "BLOCK": BLOCK, "NUM_FIELDS": 10,
-                          "ROWS": rows, "HIST": hist, "TOTAL_HIST": total, "MIN_EXP": -48, "MAX_EXP": 15,
-                          "BINS": 64, "PADDED_BINS": 64}
-            yield (f"tensor_stats[{dtype}, rows={rows}, hist={hist}]", tensor_stats._chunk_kernel, stats_sig,
-                   constexprs, tensor_stats.NUM_WARPS)
-    pair_sig = {"tensor_table": "*i64", "chunk_table": "*i64", "partials": "*fp64"}
-    for dtype in (tl.float32, tl.bfloat16):
-        for has_origin in (False, True):
-            constexprs = {"A_DTYPE": dtype, "B_DTYPE": dtype, "O_DTYPE": dtype, "HAS_ORIGIN": has_origin,
-                          "ALIGNED": True, "TABLE_STRIDE": 8 if has_origin else 6, "CHUNK": CHUNK,
-                          "BLOCK": BLOCK, "NUM_FIELDS": 5}
-            yield (f"pair_stats[{dtype}, origin={has_origin}]", pair_stats._pair_chunk_kernel, pair_sig,
-                   constexprs, tensor_stats.NUM_WARPS)
-    merge_sig = {"tensor_table": "*i64", "chunk_offsets": "*i64", "partials": "*fp64", "rows": "*fp64"}
-    constexprs = {"TABLE_STRIDE": 4, "NUM_FIELDS": 10, "FIRST_MAX_FIELD": 6, "PADDED_FIELDS": 16,
-                  "MERGE": merge.MERGE_BLOCK, "CHAN": True}
-    yield "merge", merge._merge_kernel, merge_sig, constexprs, 4
-
-
 def check(arch: int = 90) -> list[PtxReport]:
     """Compile each variant for sm_<arch> and report on its PTX."""
     reports = []
-    for name, kernel, pointer_sig, constexprs, num_warps in _variants():
-        signature = {**pointer_sig, **{key: "constexpr" for key in constexprs}}
+    for name, kernel, run_time_sig, constexprs, num_warps in roofline.variants():
+        signature = {**run_time_sig, **{key: "constexpr" for key in constexprs}}
         source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs={})
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": num_warps})

@@ -9,6 +9,8 @@ import pytest
 import setuptools
 from packaging.requirements import Requirement
 
+from fastgradstats import dispatch
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("fastgradstats", "kernels")  # what setup.py installs (kernels/ as fastgradstats.kernels)
 
@@ -23,7 +25,6 @@ STDLIB_SINCE = {
 }
 # torch APIs newer than torch 2.1, and the release that added each (pytorch/pytorch#139662 for both).
 TORCH_SINCE = {"torch.nn.utils.get_total_norm": (2, 6), "torch.nn.utils.clip_grads_with_norm_": (2, 6)}
-MASKED_HISTOGRAM_TRITON = (3, 4)  # tl.histogram(..., mask=) (triton-lang/triton#6695)
 # The Triton each torch release pins on Linux x86_64 (their wheels' Requires-Dist).
 TRITON_PINNED_BY_TORCH = {(2, 6): (3, 2), (2, 7): (3, 3), (2, 8): (3, 4)}
 
@@ -111,14 +112,11 @@ def test_the_torch_floor_has_the_apis_the_package_calls(setup_kwargs):
     assert floor(str(torch.specifier)) >= needed
 
 
-def test_the_triton_floor_has_masked_histograms(setup_kwargs):
-    histograms = [node for tree in trees() for node in ast.walk(tree) if isinstance(node, ast.Call)
-                  and isinstance(node.func, ast.Attribute) and node.func.attr == "histogram"]
-    assert any(keyword.arg == "mask" for call in histograms for keyword in call.keywords)
+def test_the_triton_floor_is_the_one_dispatch_checks(setup_kwargs):
     tritons = requirements(setup_kwargs, "triton")
     assert {"extra:triton", "extra:dev", "extra:all"} <= set(tritons)
     for where, (triton,) in tritons.items():
-        assert floor(str(triton.specifier)) >= MASKED_HISTOGRAM_TRITON, where
+        assert floor(str(triton.specifier)) == dispatch.TRITON_MIN_VERSION, where
 
 
 def test_extras_with_triton_ask_for_a_torch_that_allows_it(setup_kwargs):
