@@ -15,7 +15,6 @@ import torch.distributed as dist
 from .api import tensor_stats
 from .distributed import is_dtensor
 from .results import TensorStats
-from .rows import l2_norm, linf_norm
 
 FUSED_NORM_TYPES = (2.0, math.inf)
 
@@ -60,10 +59,15 @@ def clip_grad_norm_(
         return (empty, tensor_stats([])) if return_stats else empty
 
     stats = tensor_stats(grads, group=group) if return_stats or norm_type in FUSED_NORM_TYPES else None
+    clip_coef = None
     if norm_type in FUSED_NORM_TYPES:
-        total_norm = (l2_norm if norm_type == 2.0 else linf_norm)(stats.total.rows)
         dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads))
-        total_norm = total_norm.to(dtype)
+        if stats.total.finalized:  # the Triton path: norm and coefficient in one more launch
+            from fastgradstats.kernels.finalize import clip_coefficient
+
+            total_norm, clip_coef = clip_coefficient(stats.total._norms, norm_type, max_norm, dtype)
+        else:
+            total_norm = stats.total_norm(norm_type).to(dtype)
     else:
         total_norm = torch.nn.utils.get_total_norm(grads, norm_type, False, foreach)
         if is_dtensor(total_norm):
@@ -75,9 +79,23 @@ def clip_grad_norm_(
             "cannot be clipped. To disable this error and scale the gradients by the non-finite norm anyway, "
             "set `error_if_nonfinite=False`"
         )
-    if any(is_dtensor(g) for g in grads):  # scale the local shards: the total norm is already global
+    if clip_coef is None and any(is_dtensor(g) for g in grads):
         clip_coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_([g.to_local() for g in grads], clip_coef)
-    else:
+    if clip_coef is None:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach)
+    else:  # scale as torch does (DTensors through their local shards: the total norm is already global)
+        local = [g.to_local() if is_dtensor(g) else g for g in grads]
+        for same_kind in _by_device_and_dtype(local):
+            if foreach is False:
+                for g in same_kind:
+                    g.mul_(clip_coef)
+            else:
+                torch._foreach_mul_(same_kind, clip_coef)
     return (total_norm, stats) if return_stats else total_norm
+
+
+def _by_device_and_dtype(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())

@@ -83,7 +83,8 @@ def pair_stats(
     b_flat = [f[1] for f in flats]
     origin_flat = None if origin_list is None else [f[2] for f in flats]
     rows = dispatch.pair_raw_stats(a_flat, b_flat, origin_flat, backend, reducer)
-    return PairStats.from_rows(rows, names)
+    on_triton = bool(a_flat) and dispatch.resolve_backend(backend, a_flat[0].device) == "triton"
+    return PairStats.from_rows(rows, names, triton=on_triton)
 
 
 def cosine_similarity(

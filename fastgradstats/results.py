@@ -1,4 +1,8 @@
-"""TensorStats and PairStats: per-layer statistics as device tensors, derived lazily from raw rows."""
+"""TensorStats and PairStats: per-layer statistics as device tensors, derived from raw rows.
+
+Rows from the Triton kernels are derived by one finalize kernel (every field of every layer and of the total
+at once, so reading a field is a view); rows from the other backends lazily by :func:`~.rows.derive`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import math
 import torch
 
 from .hist import HistSpec, linear_edges, linear_ranges, log2_edges
-from .rows import RawStats, derive, derive_pair, merge_pair_rows, merge_rows
+from .rows import RawStats, derive, derive_pair, l2_norm, linf_norm, merge_pair_rows, merge_rows
 
 
 class _Derived:
@@ -30,10 +34,13 @@ class LayerStats:
     FIELDS: tuple[str, ...] = ()
     TABLE_FIELDS: tuple[str, ...] = ()
 
-    def __init__(self, rows: torch.Tensor, names: list[str], total: LayerStats | None = None) -> None:
+    def __init__(self, rows: torch.Tensor, names: list[str], total: LayerStats | None = None,
+                 derived: dict[str, torch.Tensor] | None = None) -> None:
         self.rows = rows
         self.names = names
         self._total = total
+        if derived is not None:  # already derived (by the finalize kernel): no lazy derivation
+            self.__dict__["_derived"] = derived
 
     @staticmethod
     def _derive(rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -68,7 +75,11 @@ class LayerStats:
         return result
 
     def _on_host(self) -> LayerStats:
-        return type(self)(self.rows.cpu(), self.names)
+        return type(self)(self.rows.cpu(), self.names, derived=self._host_derived())
+
+    def _host_derived(self) -> dict[str, torch.Tensor]:
+        """The derived fields copied to the host (the very values the device fields hold)."""
+        return {name: value.cpu() for name, value in self._derived.items()}
 
     def _layer_dict(self, i: int) -> dict:
         index = () if self.rows.dim() == 1 else (i,)
@@ -119,14 +130,19 @@ class TensorStats(LayerStats):
         hist: torch.Tensor | None = None,
         hist_edges: torch.Tensor | None = None,
         total: TensorStats | None = None,
+        derived: dict[str, torch.Tensor] | None = None,
+        norms: torch.Tensor | None = None,
     ) -> None:
-        super().__init__(rows, names, total)
+        super().__init__(rows, names, total, derived)
         self.hist = hist
         self.hist_edges = hist_edges
+        self._norms = norms
 
     @classmethod
     def from_raw(cls, raw: RawStats, names: list[str], spec: HistSpec | None) -> TensorStats:
         """Per-layer and total statistics (with histogram edges) from a backend's raw result."""
+        if raw.triton:
+            return cls._finalized(raw, names, spec)
         rows = raw.rows
         hist = edges = total_hist = total_edges = None
         if spec is not None and spec.kind == "log2":
@@ -140,12 +156,40 @@ class TensorStats(LayerStats):
         total = cls(merge_rows(rows), ["total"], total_hist, total_edges)
         return cls(rows, names, hist, edges, total)
 
+    @classmethod
+    def _finalized(cls, raw: RawStats, names: list[str], spec: HistSpec | None) -> TensorStats:
+        """from_raw for rows of the Triton kernels: one finalize launch derives everything."""
+        from fastgradstats.kernels.finalize import finalize_tensor_stats
+
+        out = finalize_tensor_stats(raw.rows, raw.hist, raw.total_hist, spec)
+        edges = total_edges = out["edges"]
+        if spec is not None and spec.kind == "linear":
+            ranges = linear_ranges(spec, raw.rows)
+            edges, total_edges = linear_edges(ranges[:-1], spec.bins), linear_edges(ranges[-1], spec.bins)
+        total = cls(out["total_row"], ["total"], out["total_hist"], total_edges, derived=out["total"],
+                    norms=out["total_norms"])
+        return cls(raw.rows, names, raw.hist, edges, total, derived=out["layers"])
+
+    @property
+    def finalized(self) -> bool:
+        """True when the finalize kernel derived these statistics (the Triton path)."""
+        return self._norms is not None
+
+    def total_norm(self, norm_type: float) -> torch.Tensor:
+        """float64 0-d l2 (norm_type 2) or max-abs (inf) norm of all layers together, from the float64 rows
+        (what clip_grad_norm_ needs; a view when the finalize kernel computed it)."""
+        total = self.total
+        if total._norms is not None:
+            return total._norms[0 if norm_type == 2.0 else 1]
+        return (l2_norm if norm_type == 2.0 else linf_norm)(total.rows)
+
     def __repr__(self) -> str:
         bins = "" if self.hist is None else f", bins={self.hist.shape[-1]}"
         return f"TensorStats({len(self)} layers on {self.rows.device}{bins})"
 
     def _on_host(self) -> TensorStats:
-        return TensorStats(self.rows.cpu(), self.names, _cpu(self.hist), _cpu(self.hist_edges))
+        return TensorStats(self.rows.cpu(), self.names, _cpu(self.hist), _cpu(self.hist_edges),
+                           derived=self._host_derived())
 
     def _layer_dict(self, i: int) -> dict:
         """Histograms appear as "hist" (list of int) and "hist_edges" (list of float) when present."""
@@ -179,8 +223,15 @@ class PairStats(LayerStats):
     _derive = staticmethod(derive_pair)
 
     @classmethod
-    def from_rows(cls, rows: torch.Tensor, names: list[str]) -> PairStats:
-        """Per-layer and total pair statistics from pair rows [L, PAIR_K]."""
+    def from_rows(cls, rows: torch.Tensor, names: list[str], triton: bool = False) -> PairStats:
+        """Per-layer and total pair statistics from pair rows [L, PAIR_K] (``triton``: rows of the Triton
+        kernels, derived by the finalize kernel in one launch)."""
+        if triton:
+            from fastgradstats.kernels.finalize import finalize_pair_stats
+
+            out = finalize_pair_stats(rows)
+            total = cls(out["total_row"], ["total"], derived=out["total"])
+            return cls(rows, names, total, derived=out["layers"])
         return cls(rows, names, cls(merge_pair_rows(rows), ["total"]))
 
 

@@ -52,11 +52,14 @@ class RawStats:
     hist: int64 [L, B] histogram counts, or None when no histogram was asked for.
     total_hist: int64 [B] histogram of all layers together when it is not the sum of ``hist``
         (a linear histogram over per-layer data ranges); None otherwise.
+    triton: the rows come from the Triton kernels, whose finalize kernel then derives every field in one
+        launch (:mod:`fastgradstats.kernels.finalize`); other backends derive with :func:`derive`.
     """
 
     rows: torch.Tensor
     hist: torch.Tensor | None = None
     total_hist: torch.Tensor | None = None
+    triton: bool = False
 
 
 def empty_rows(num_layers: int, device: torch.device | str = "cpu") -> torch.Tensor:

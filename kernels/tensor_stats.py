@@ -340,7 +340,7 @@ def raw_stats(
         for dtype, table in tables.items():
             _launch_chunks(table, dtype, spec, HIST_LINEAR, None, hist, total_hist, ranges, chunk_size,
                            block_size)
-    return RawStats(rows, hist, total_hist)
+    return RawStats(rows, hist, total_hist, triton=True)
 
 
 def _histogram_slots(spec: HistSpec | None, hist_mode: int, dtype: torch.dtype) -> int:

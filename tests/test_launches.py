@@ -128,26 +128,32 @@ def test_launches_module_prints_and_writes_every_call(tmp_path, capsys):
         assert f"{name}: {result['counted']['total']} launches" in out
 
 
-# --- what our calls launch today ---------------------------------------------------------------------------
+# --- what our calls launch: issue 11's economy --------------------------------------------------------------
+# Two dtype groups (float32 and bfloat16): per group stage 1 and its merge, then one finalize kernel that
+# derives every field of every layer and of the total (reading a field is then a view).
 
 
 def test_tensor_stats_launches(triton_backend):
     counted = measured(launches.tensor_stats_call(torch.device(DEVICE), "triton"))
-    assert counted.triton, counted.breakdown()  # the Triton path ran
-    assert counted.total <= 107, counted.breakdown()  # issue 11 target: <= 8
+    # 2 x (stage 1 + merge), the finalize kernel, and the zeroed histogram
+    assert counted.triton == {"_chunk_kernel": 2, "_merge_kernel": 2, "_tensor_finalize_kernel": 1}, \
+        counted.breakdown()
+    assert counted.total <= 8 and counted.total == 6, counted.breakdown()
     assert counted.syncs == 0, counted.breakdown()
 
 
 def test_pair_stats_launches(triton_backend):
     counted = measured(launches.pair_stats_call(torch.device(DEVICE), "triton"))
-    assert counted.triton, counted.breakdown()
-    assert counted.total <= 31, counted.breakdown()  # issue 11 target: <= 8
+    assert counted.triton == {"_pair_chunk_kernel": 2, "_merge_kernel": 2, "_pair_finalize_kernel": 1}, \
+        counted.breakdown()
+    assert counted.total == 5, counted.breakdown()
     assert counted.syncs == 0, counted.breakdown()
 
 
 def test_clip_grad_norm_launches(triton_backend):
     counted = measured(launches.clip_call(torch.device(DEVICE)))
-    assert counted.triton, counted.breakdown()
-    assert counted.torch_ops["aten._foreach_mul_"] <= 2, counted.breakdown()  # issue 11: <= 1 per dtype group
-    assert counted.total <= 39, counted.breakdown()  # issue 11 target: <= 8 for the statistics, + the scaling
+    # the statistics (5), torch's clip coefficient in one kernel, one _foreach_mul_ per dtype group
+    assert counted.torch_ops["aten._foreach_mul_"] == 2, counted.breakdown()
+    assert counted.triton["_clip_kernel"] == 1, counted.breakdown()
+    assert counted.total <= 8, counted.breakdown()
     assert counted.syncs == 0, counted.breakdown()
