@@ -184,7 +184,7 @@ def _chunk_kernel(
         total_scale = tl.load(ranges + 3 * num_layers + 2)
 
     shift = tl.zeros([R], ACC)
-    if ROWS:  # c_r: the element at row r's place in the chunk's first tile (the chunk's first one past it)
+    if ROWS:  # c_r: element lo + r·VEC of the chunk (its last element when the chunk is shorter)
         shift = tl.load(base + tl.minimum(lo_idx + rows * VEC, hi_idx - 1)).to(ACC)
         shift = tl.where(tl.abs(shift) < float("inf"), shift, 0.0)
     sum_d = tl.zeros([R], ACC)
