@@ -11,6 +11,7 @@ from . import dispatch
 from .distributed import localize
 from .hist import DEFAULT_MAX_EXP, DEFAULT_MIN_EXP, HistSpec
 from .results import TensorStats
+from .split import Split, split_names, split_parts
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -29,6 +30,7 @@ def tensor_stats(
     max_exp: int = DEFAULT_MAX_EXP,
     backend: str | None = None,
     group: dist.ProcessGroup | None = None,
+    split: Split | None = None,
 ) -> TensorStats:
     """Per-layer statistics of a list of tensors, in one pass over the data and without a host sync.
 
@@ -44,6 +46,11 @@ def tensor_stats(
         group: for plain tensors sharded by hand across the ranks of this process group: each rank passes its
             shards and gets the statistics of the whole tensors. DTensors (FSDP2, tensor parallel) need no
             group: their mesh says how they are sharded. See :mod:`fastgradstats.distributed`.
+        split: statistics per slice along dim 0: ``{regex: parts}`` (``re.search`` over layer names, first
+            match wins) or a callable ``(name, tensor) -> parts | None``. A matching layer ``name`` of shape
+            [n, ...] becomes the layers ``name[0]``, ..., ``name[parts - 1]`` (views, read in place; totals
+            unchanged); ``stats.group(name)`` returns their rows. ValueError when parts does not divide n.
+            See :mod:`fastgradstats.split`.
 
     Returns:
         TensorStats with [L] tensors on the input device; ``.total`` holds the global values.
@@ -52,11 +59,17 @@ def tensor_stats(
 
         stats = fgs.tensor_stats([w1, w2], names=["w1", "w2"], hist="log2")
         stats.l2, stats.total.l2, stats.hist   # [2], 0-d, [2, 64]
+        experts = fgs.tensor_stats([w_stack], ["w1"], split={"w1": 64})   # w_stack: [64, d_ff, d]
+        experts.group("w1").l2                  # [64] per-expert norms
     """
     tensors, names = _validate(tensors, names, "tensor_stats")
     spec = HistSpec.make(hist, bins, range, min_exp, max_exp)
-    local, reducer = localize(tensors, names, group, "tensor_stats")
-    return TensorStats.from_raw(dispatch.raw_stats(local, spec, backend, reducer), names, spec)
+    parts = split_parts(tensors, names, split, "tensor_stats")
+    local, reducer = localize(tensors, names, group, "tensor_stats", parts)
+    names, groups = split_names(names, parts, "tensor_stats")
+    stats = TensorStats.from_raw(dispatch.raw_stats(local, spec, backend, reducer), names, spec)
+    stats.splits = groups
+    return stats
 
 
 def grad_stats(model_or_named_parameters: torch.nn.Module | Parameters, **kwargs) -> TensorStats:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from .api import tensor_stats
 from .distributed import is_dtensor
 from .results import TensorStats
+from .split import Split
 
 FUSED_NORM_TYPES = (2.0, math.inf)
 
@@ -28,6 +29,7 @@ def clip_grad_norm_(
     *,
     return_stats: bool = False,
     group: dist.ProcessGroup | None = None,
+    split: Split | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, TensorStats]:
     """A drop-in for ``torch.nn.utils.clip_grad_norm_``: same return value, same clipping, same errors.
 
@@ -39,7 +41,9 @@ def clip_grad_norm_(
     The norm is taken in float64 from the fused pass's float64 rows, then rounded to the gradients' dtype, so
     float64 gradients keep float64 norms (beyond float32's range too).
     DTensor gradients (FSDP2, tensor parallel) get the global norm and their local shards are scaled; plain
-    gradients sharded by hand pass the process group as ``group=``.
+    gradients sharded by hand pass the process group as ``group=``. ``split=`` (as in ``tensor_stats``, over
+    the names "0", "1", ...) splits the layers of ``stats`` into slices; the norm and the clipping are those
+    of all gradients together, as without it.
 
     Example::
 
@@ -58,7 +62,8 @@ def clip_grad_norm_(
         empty = torch.tensor(0.0)
         return (empty, tensor_stats([])) if return_stats else empty
 
-    stats = tensor_stats(grads, group=group) if return_stats or norm_type in FUSED_NORM_TYPES else None
+    fused = return_stats or norm_type in FUSED_NORM_TYPES
+    stats = tensor_stats(grads, group=group, split=split) if fused else None
     clip_coef = None
     if norm_type in FUSED_NORM_TYPES:
         dtype = functools.reduce(torch.promote_types, (g.dtype for g in grads))

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .rows import FIRST_MAX, FMAX, M2, NEG_FMIN, SUM, N, RawStats
+from .split import expand, part_slices
 
 
 @functools.cache
@@ -87,19 +88,27 @@ def _offset_squares(rows: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def localize(
-    tensors: list[torch.Tensor], names: list[str], group: dist.ProcessGroup | None, caller: str
+    tensors: list[torch.Tensor], names: list[str], group: dist.ProcessGroup | None, caller: str,
+    parts: list[int | None] | None = None,
 ) -> tuple[list[torch.Tensor], Reducer | None]:
     """The tensors this rank reads, and the Reducer that makes their statistics global (None: local call).
+
+    ``parts`` (from :func:`~.split.split_parts`) replaces each split layer by its parts; a DTensor's parts are
+    cut by global dim-0 ranges, so each rank reads the rows of each part that its shard holds.
 
     Raises ValueError for DTensors on different meshes, DTensors mixed with plain tensors or with ``group=``,
     and a group that does not contain this rank.
     """
+    parts = [None] * len(tensors) if parts is None else parts
     dtensors = [is_dtensor(t) for t in tensors]
     if not any(dtensors):
         if group is None:
-            return tensors, None
+            return expand(tensors, parts), None
         if not dist.is_initialized() or dist.get_rank() not in dist.get_process_group_ranks(group):
             raise ValueError(f"{caller}: this rank is not a member of the group passed as group=")
+        if any(count is not None for count in parts):
+            raise ValueError(f"{caller}: split= needs whole tensors or DTensors; tensors sharded by hand "
+                             "with group= have no global row ranges")
         return tensors, Reducer(group)
     if group is not None:
         raise ValueError(f"{caller}: group= is for plain tensors; DTensors bring their device mesh")
@@ -112,7 +121,25 @@ def localize(
         if t.device_mesh != mesh:
             raise ValueError(f"{caller}: layer '{name}' is on device mesh {t.device_mesh}, but layer "
                              f"'{names[0]}' is on {mesh}; one call takes DTensors of one mesh")
-    return [local_shard(t) for t in tensors], Reducer(_mesh_group(mesh, caller))
+    local = []
+    for name, t, count in zip(names, tensors, parts):
+        if count is None:
+            local.append(local_shard(t))
+        else:
+            local.extend(part_slices(local_shard(t), count, t.shape[0], _dim0_offset(t, name, caller)))
+    return local, Reducer(_mesh_group(mesh, caller))
+
+
+def _dim0_offset(t: torch.Tensor, name: str, caller: str) -> int:
+    """The global dim-0 index of the first row of this rank's shard of DTensor t."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for p in t.placements:
+        if isinstance(p, Shard) and type(p) is not Shard and p.dim == 0:
+            raise ValueError(f"{caller}: layer '{name}' is sharded along dim 0 by {p}, whose rows are not "
+                             "one range per rank; split= needs Shard(0) or another dim")
+    return compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)[1][0]
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,7 @@ from .dispatch import resolve_backend
 from .hist import HistSpec
 from .pairs import pair_stats
 from .results import LayerStats, PairStats
+from .split import Split, split_parts
 
 TRACK_CHOICES = ("grad", "param", "update", "grad_cos", "init")
 
@@ -89,9 +90,12 @@ class Monitor:
         alerts: compute gradient alerts (needs "grad"); ``alert_config`` sets their thresholds.
         history: how many records ``monitor.history`` keeps (the oldest are dropped).
         backend: statistics backend, as in ``tensor_stats``.
+        split: statistics per slice (MoE experts, heads) of every tracked kind, as in ``tensor_stats``:
+            ``{regex: parts}`` or ``(name, tensor) -> parts | None``.
 
     Raises TypeError or ValueError at construction for a bad argument: ``hist``, ``backend`` (checked
-    against the device of the model's parameters) and ``sinks`` included.
+    against the device of the model's parameters), ``split`` (checked against the parameters' shapes) and
+    ``sinks`` included.
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class Monitor:
         alert_config: AlertConfig | None = None,
         history: int = 1000,
         backend: str | None = None,
+        split: Split | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Monitor: model must be an nn.Module, got {type(model).__name__}")
@@ -120,11 +125,14 @@ class Monitor:
             raise ValueError(f"Monitor: track must be a non-empty subset of {TRACK_CHOICES}, got {track!r}")
         HistSpec.make(hist)
         resolve_backend(backend, first_parameter.device)
+        named = list(model.named_parameters())
+        split_parts([p for _, p in named], [name for name, _ in named], split, "Monitor")
         self.sinks = _sink_list(sinks)
         for sink in self.sinks:
             if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
                 raise TypeError(f"Monitor: a sink needs write(record) and close() methods, got {sink!r}")
         self.model, self.every, self.hist, self.track, self.backend = model, every, hist, track, backend
+        self.split = split
         self.alert_tracker = AlertTracker(alert_config) if alerts and "grad" in track else None
         self.history: collections.deque[StepRecord] = collections.deque(maxlen=history)
         self.steps = 0
@@ -180,7 +188,7 @@ class Monitor:
 
     def _record(self, step: int) -> StepRecord:
         record = StepRecord(step)
-        kwargs = {"hist": self.hist, "backend": self.backend}
+        kwargs = {"hist": self.hist, "backend": self.backend, "split": self.split}
         named = list(self.model.named_parameters())
         if "init" in self.track and self._initial_params is None:
             self._initial_params = self._copy_params()
@@ -196,15 +204,15 @@ class Monitor:
                     record.alert_flags = self.alert_tracker.update(step, record.stats["grad"])
             if grads and "grad_cos" in self.track:
                 if self._previous_grads is not None:
-                    record.stats["grad_cos"] = _pairs(grads, self._previous_grads, self.backend)
+                    record.stats["grad_cos"] = _pairs(grads, self._previous_grads, self.backend, self.split)
                 self._previous_grads = [(name, g.detach().clone()) for name, g in grads]
         if "param" in self.track:
             record.stats["param"] = param_stats(named, **kwargs)
         params = [(name, p.detach()) for name, p in named]
         if "update" in self.track and self._previous_params is not None:
-            record.stats["update"] = _pairs(params, self._previous_params, self.backend)
+            record.stats["update"] = _pairs(params, self._previous_params, self.backend, self.split)
         if "init" in self.track:
-            record.stats["init"] = _pairs(params, self._initial_params, self.backend)
+            record.stats["init"] = _pairs(params, self._initial_params, self.backend, self.split)
         return record
 
     def _copy_params(self) -> list[tuple[str, torch.Tensor]]:
@@ -221,8 +229,9 @@ def _sink_list(sinks: Iterable) -> list:
     return list(sinks)
 
 
-def _pairs(now: list[tuple[str, torch.Tensor]], before: list[tuple[str, torch.Tensor]], backend) -> PairStats:
+def _pairs(now: list[tuple[str, torch.Tensor]], before: list[tuple[str, torch.Tensor]], backend,
+           split: Split | None) -> PairStats:
     """PairStats of the layers present both now and before (a = now, b = before), matched by name."""
-    return pair_stats(dict(now), dict(before), strict=False, backend=backend)
+    return pair_stats(dict(now), dict(before), strict=False, backend=backend, split=split)
 
 

@@ -13,6 +13,7 @@ from .api import SUPPORTED_DTYPES, _check_names
 from .dense import flat_elements
 from .distributed import localize, same_sharding
 from .results import PairStats
+from .split import Split, split_names, split_parts
 
 TensorSet = torch.nn.Module | Mapping[str, torch.Tensor] | Sequence[torch.Tensor]
 
@@ -26,6 +27,7 @@ def pair_stats(
     strict: bool = True,
     backend: str | None = None,
     group: dist.ProcessGroup | None = None,
+    split: Split | None = None,
 ) -> PairStats:
     """Per-layer and global dot, norms, cosine and distance between two tensor sets, reading each element
     once.
@@ -47,6 +49,8 @@ def pair_stats(
         backend: None (auto), "torch" or "triton".
         group: for plain tensors sharded by hand across this process group (see ``tensor_stats``). DTensors
             need no group; a, b and origin must then be sharded alike.
+        split: statistics per slice along dim 0, as in ``tensor_stats`` (matched on a's names and tensors;
+            b and origin are split alike).
 
     Returns:
         PairStats with [L] tensors on the input device and ``.total`` over all layers flattened together.
@@ -73,10 +77,12 @@ def pair_stats(
         for other, label in ((b_list[i], "b"), (None if origin_list is None else origin_list[i], "origin")):
             if other is not None and not same_sharding(a_list[i], other):
                 raise ValueError(f"pair_stats: layer '{name}' is sharded differently in a and in {label}")
-    a_list, reducer = localize(a_list, names, group, "pair_stats")
-    b_list, _ = localize(b_list, names, group, "pair_stats")
+    parts = split_parts(a_list, names, split, "pair_stats")
+    a_list, reducer = localize(a_list, names, group, "pair_stats", parts)
+    b_list, _ = localize(b_list, names, group, "pair_stats", parts)
     if origin_list is not None:
-        origin_list, _ = localize(origin_list, names, group, "pair_stats")
+        origin_list, _ = localize(origin_list, names, group, "pair_stats", parts)
+    names, groups = split_names(names, parts, "pair_stats")
     flats = [_flat_layer(a_list[i], b_list[i], None if origin_list is None else origin_list[i])
              for i in range(len(names))]
     a_flat = [f[0] for f in flats]
@@ -84,7 +90,9 @@ def pair_stats(
     origin_flat = None if origin_list is None else [f[2] for f in flats]
     rows = dispatch.pair_raw_stats(a_flat, b_flat, origin_flat, backend, reducer)
     on_triton = bool(a_flat) and dispatch.resolve_backend(backend, a_flat[0].device) == "triton"
-    return PairStats.from_rows(rows, names, triton=on_triton)
+    stats = PairStats.from_rows(rows, names, triton=on_triton)
+    stats.splits = groups
+    return stats
 
 
 def cosine_similarity(
@@ -95,13 +103,15 @@ def cosine_similarity(
     strict: bool = True,
     backend: str | None = None,
     group: dist.ProcessGroup | None = None,
+    split: Split | None = None,
 ) -> torch.Tensor:
     """The global cosine of a and b (optionally measured from origin), as if each set were one flat vector.
 
     A 0-d float32 tensor on the input device, equal to ``F.cosine_similarity(cat(a'), cat(b'), dim=0)``
-    without the concatenation. Example: ``fgs.cosine_similarity(model_now, model_init)``.
+    without the concatenation (``split=`` as in ``pair_stats``: it does not change the global cosine).
+    Example: ``fgs.cosine_similarity(model_now, model_init)``.
     """
-    return pair_stats(a, b, origin=origin, strict=strict, backend=backend, group=group).total.cos
+    return pair_stats(a, b, origin=origin, strict=strict, backend=backend, group=group, split=split).total.cos
 
 
 def _named(tensors: TensorSet, not_parameters: set[str]) -> dict[str, torch.Tensor] | None:

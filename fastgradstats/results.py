@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import torch
 
@@ -39,6 +40,7 @@ class LayerStats:
         self.rows = rows
         self.names = names
         self._total = total
+        self.splits: dict[str, range] = {}  # split layer name -> its parts' row indices (see split=)
         if derived is not None:  # already derived (by the finalize kernel): no lazy derivation
             self.__dict__["_derived"] = derived
 
@@ -59,6 +61,39 @@ class LayerStats:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def group(self, pattern_or_name: str):
+        r"""The [parts] rows of one layer split with ``split=``, as statistics of ``parts`` layers named
+        ``name[i]``: views of these fields (nothing is recomputed), with a ``total`` over the parts (the whole
+        tensor's statistics).
+
+        ``pattern_or_name`` is a split layer's name, or a regular expression that ``re.search`` finds in
+        exactly one split layer's name; anything else raises KeyError naming the split layers.
+
+        Example::
+
+            stats = fgs.grad_stats(model, split={r"experts\.w1": 64})
+            stats.group(r"layers\.3\.experts\.w1").l2     # [64] per-expert gradient norms
+        """
+        if pattern_or_name in self.splits:
+            name = pattern_or_name
+        else:
+            try:
+                matches = [name for name in self.splits if re.search(pattern_or_name, name)]
+            except re.error as error:
+                raise ValueError(f"group: {pattern_or_name!r} is not a valid regular expression: "
+                                 f"{error}") from None
+            if len(matches) != 1:
+                found = "no split layer" if not matches else f"{len(matches)} split layers"
+                raise KeyError(f"group: {pattern_or_name!r} matches {found}; "
+                               f"split layers: {list(self.splits)}")
+            name = matches[0]
+        parts = self.splits[name]
+        return self._slice(slice(parts.start, parts.stop))
+
+    def _slice(self, rows: slice) -> LayerStats:
+        """Layers ``rows`` as statistics of their own (views of the fields, total merged from their rows)."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} layers on {self.rows.device})"
@@ -187,6 +222,19 @@ class TensorStats(LayerStats):
         bins = "" if self.hist is None else f", bins={self.hist.shape[-1]}"
         return f"TensorStats({len(self)} layers on {self.rows.device}{bins})"
 
+    def _slice(self, rows: slice) -> TensorStats:
+        hist = edges = total_hist = total_edges = None
+        if self.hist is not None:
+            hist = self.hist[rows]
+            if self.hist_edges.dim() == 1:  # log2: the same bins for every layer, so counts add
+                edges = total_edges = self.hist_edges
+                total_hist = hist.sum(0)
+            else:
+                edges = self.hist_edges[rows]
+        total = TensorStats(merge_rows(self.rows[rows]), ["total"], total_hist, total_edges)
+        derived = {field: value[rows] for field, value in self._derived.items()}
+        return TensorStats(self.rows[rows], self.names[rows], hist, edges, total, derived=derived)
+
     def _on_host(self) -> TensorStats:
         return TensorStats(self.rows.cpu(), self.names, _cpu(self.hist), _cpu(self.hist_edges),
                            derived=self._host_derived())
@@ -233,6 +281,11 @@ class PairStats(LayerStats):
             total = cls(out["total_row"], ["total"], derived=out["total"])
             return cls(rows, names, total, derived=out["layers"])
         return cls(rows, names, cls(merge_pair_rows(rows), ["total"]))
+
+    def _slice(self, rows: slice) -> PairStats:
+        derived = {field: value[rows] for field, value in self._derived.items()}
+        total = PairStats(merge_pair_rows(self.rows[rows]), ["total"])
+        return PairStats(self.rows[rows], self.names[rows], total, derived=derived)
 
 
 def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
