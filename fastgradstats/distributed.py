@@ -15,7 +15,12 @@ Inputs:
   replicated along a mesh dimension counts only on the ranks at coordinate 0 of that dimension (the others
   read nothing), so replicas are not double counted. ``Partial`` placements are first reduced to ``Replicate``
   by DTensor itself (a reduction of that tensor's data).
-* Plain tensors sharded by hand (Megatron style) with ``group=``: each rank passes its shards.
+* Plain tensors sharded by hand (Megatron style) with ``group=``: each rank passes its shards (``split=``
+  needs DTensors or whole tensors: shards by hand carry no global row ranges).
+* ``split=`` on DTensors (experts stacked [E, ...] and sharded ``Shard(0)`` by expert parallelism, possibly
+  with FSDP on another mesh dimension): parts are cut by global dim-0 ranges, each rank reading the rows of
+  each part that its shard holds (none, all, or some when a shard boundary cuts an expert), so every part
+  is counted exactly once by the same two collectives. ``_StridedShard`` along dim 0 is refused.
 * DDP needs none of this: replicated gradients are identical on every rank, so plain calls are already global.
 """
 

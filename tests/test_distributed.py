@@ -199,7 +199,89 @@ def two_dim_mesh_scenario(rank: int) -> None:
     assert torch.allclose(pairs.total.dist, torch.cat([t.flatten() for t in full]).norm(), rtol=1e-5)
 
 
-SCENARIOS = {"fsdp2": fsdp2_scenario, "dtensor": dtensor_scenario, "2d-mesh": two_dim_mesh_scenario}
+def expert_tensors() -> tuple[list[torch.Tensor], list[str], dict[str, int]]:
+    """Stacked expert tensors (expert 1 of the first received no gradient), and how to split them."""
+    torch.manual_seed(4)
+    full = [torch.randn(4, 6, 5), torch.randn(6, 4), torch.randn(3, 2, 3), torch.randn(4, 3), torch.randn(5)]
+    full[0][1] = 0.0
+    full[1][1, 0] = float("nan")
+    names = ["moe.w1", "moe.w2", "moe.w3", "moe.router", "norm"]
+    return full, names, {r"moe\.w1": 4, r"moe\.w2": 3, r"moe\.w3": 3, "router": 2}
+
+
+def assert_split_stats(sharded: list[torch.Tensor], full: list[torch.Tensor], names: list[str], split,
+                       backends=("torch", "native", "triton"), hists=(None, "log2", "linear")) -> None:
+    """Per-expert statistics of sharded tensors, each expert once, equal those of the full tensors, with the
+    same two collectives per call."""
+    for hist in hists:
+        want = fgs.tensor_stats(full, names, hist=hist, split=split)
+        for backend in backends:
+            with CountingAllReduce() as counter:
+                got = fgs.tensor_stats(sharded, names, hist=hist, backend=backend, split=split)
+            assert counter.calls == 2, (hist, backend, counter.calls)
+            assert_same_stats(got, want)
+            assert got.splits == want.splits
+            assert_same_stats(got.group(r"moe\.w1"), want.group(r"moe\.w1"))
+
+
+def expert_parallel_scenario(rank: int) -> None:
+    """Experts sharded along dim 0 (Shard(0)): uneven shards, and shard boundaries inside an expert (w2's
+    expert 1 has rows 2-3 and the ranks hold rows 0-2 and 3-5); the router is sharded along dim 1 and the
+    norm replicated."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    full, names, split = expert_tensors()
+    placements = [Shard(0), Shard(0), Shard(0), Shard(1), Replicate()]
+    sharded = [distribute_tensor(t, mesh, [p]) for t, p in zip(full, placements)]
+    assert sharded[1].to_local().shape[0] == 3 and sharded[2].to_local().shape[0] == (2 if rank == 0 else 1)
+    assert_split_stats(sharded, full, names, split)
+    local_experts = fgs.tensor_stats(sharded, names, split=split).group(r"moe\.w1")
+    assert local_experts.numel.tolist() == [30, 30, 30, 30] and local_experts.zeros[1].item() == 30
+
+    with CountingAllReduce() as counter:
+        pairs = fgs.pair_stats(sharded, [t * 2 + 1 for t in sharded], names, split=split)
+    assert counter.calls == 1
+    want = fgs.pair_stats(full, [t * 2 + 1 for t in full], names, split=split)
+    assert pairs.names == want.names
+    for field in fgs.PairStats.FIELDS:
+        got_field, want_field = getattr(pairs, field).double(), getattr(want, field).double()
+        both_nan = got_field.isnan() & want_field.isnan()
+        assert (torch.isclose(got_field, want_field, rtol=1e-5, atol=1e-7) | both_nan).all(), field
+
+    params = [torch.nn.Parameter(distribute_tensor(torch.randn(t.shape), mesh, [p])) for t, p in
+              zip(full, placements)]
+    references = [torch.nn.Parameter(p.detach().full_tensor()) for p in params]
+    for p, q, g in zip(params, references, full):
+        g = g.nan_to_num()
+        p.grad, q.grad = distribute_tensor(g, mesh, p.placements), g.clone()
+    total, stats = fgs.clip_grad_norm_(params, 1.0, return_stats=True, split={"^0$": 4, "^1$": 3})
+    want_total, want_stats = fgs.clip_grad_norm_(references, 1.0, return_stats=True,
+                                                 split={"^0$": 4, "^1$": 3})
+    assert torch.allclose(total, want_total, rtol=1e-6)
+    assert_same_stats(stats, want_stats)
+    for p, q in zip(params, references):
+        assert torch.allclose(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-8)
+
+    with pytest.raises(ValueError, match="split= needs whole tensors or DTensors"):
+        fgs.tensor_stats([t.to_local() for t in sharded[:2]], group=dist.group.WORLD, split={"0": 2})
+
+
+def expert_fsdp_mesh_scenario(rank: int) -> None:
+    """A 2×2 (EP × FSDP) mesh: experts sharded along dim 0 by EP and along dim 0 or 1 by FSDP, or replicated
+    along EP."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ep", "fsdp"))
+    full, names, split = expert_tensors()
+    placements = [[Shard(0), Shard(1)], [Shard(0), Shard(0)], [Replicate(), Shard(0)],
+                  [Shard(1), Replicate()], [Replicate(), Replicate()]]
+    sharded = [distribute_tensor(t, mesh, p) for t, p in zip(full, placements)]
+    assert_split_stats(sharded, full, names, split, backends=("native", "triton"), hists=("log2", "linear"))
+
+
+SCENARIOS = {"fsdp2": fsdp2_scenario, "dtensor": dtensor_scenario, "2d-mesh": two_dim_mesh_scenario,
+             "ep": expert_parallel_scenario, "ep-fsdp": expert_fsdp_mesh_scenario}
 
 
 def test_fsdp2_statistics_equal_the_unsharded_model():
@@ -212,3 +294,11 @@ def test_dtensor_placements_and_hand_sharded_groups_give_global_statistics():
 
 def test_two_dimensional_meshes_count_replicas_once():
     spawn("2d-mesh", world=4)
+
+
+def test_expert_parallel_split_gives_each_expert_once():
+    spawn("ep")
+
+
+def test_expert_parallel_by_fsdp_mesh_split_gives_each_expert_once():
+    spawn("ep-fsdp", world=4)
