@@ -92,6 +92,23 @@ def flatten_gram(a: list[torch.Tensor], b: list[torch.Tensor]) -> object:
     return flat @ flat.T
 
 
+def slice_loop(a: list[torch.Tensor], b: list[torch.Tensor]) -> object:
+    """Per-expert norms with a Python loop of ``w[i].norm()`` over each stacked (3-D) tensor's slices
+    (``t.norm()`` for the other tensors)."""
+    return [x.norm() for t in a for x in (t if t.dim() == 3 else (t,))]
+
+
+def foreach_slices(a: list[torch.Tensor], b: list[torch.Tensor]) -> object:
+    """Per-expert norms with one ``torch._foreach_norm`` over the slices ``w[i]`` of the stacked tensors (and
+    the other tensors whole)."""
+    return torch._foreach_norm([x for t in a for x in (t if t.dim() == 3 else (t,))])
+
+
+def stacked_parts(name: str, tensor: torch.Tensor) -> int | None:
+    """``split=`` for the per-expert family: every stacked (3-D) tensor, one part per slice along dim 0."""
+    return tensor.shape[0] if tensor.dim() == 3 else None
+
+
 BASELINES: dict[str, Callable[[list[torch.Tensor], list[torch.Tensor]], object]] = {
     "norm-loop": norm_loop,
     "foreach-norm": foreach_norm,
@@ -99,6 +116,8 @@ BASELINES: dict[str, Callable[[list[torch.Tensor], list[torch.Tensor]], object]]
     "cat-cosine": cat_cosine,
     "cosine-loop": cosine_loop,
     "flatten-gram": flatten_gram,
+    "slice-loop": slice_loop,
+    "foreach-slices": foreach_slices,
 }
 FAMILIES: dict[str, tuple[str, ...]] = {  # family -> its baselines
     "stats+log2": ("norm-loop", "foreach-norm", "wandb-loop"),
@@ -106,19 +125,24 @@ FAMILIES: dict[str, tuple[str, ...]] = {  # family -> its baselines
     "linear-hist": ("wandb-loop",),
     "pair": ("cat-cosine", "cosine-loop"),
     "trajectory": ("flatten-gram",),
+    "per-expert": ("slice-loop", "foreach-slices"),
 }
+STACKED_FAMILIES = ("per-expert",)  # run only on workloads that have stacked (3-D) tensors
 LISTS_READ = {"pair": 2, "trajectory": TRAJECTORY_CHECKPOINTS}  # lists of the workload read per call
 OURS, FLOOR = "ours", "read-floor"
 
 
 def ours(family: str, backend: str | None) -> Callable[[list[torch.Tensor], list[torch.Tensor]], object]:
-    """Our call for a family: ``fgs.tensor_stats`` with the family's histogram, ``fgs.pair_stats`` or
-    ``fgs.trajectory_map`` (centred at the first checkpoint, its Gram on the tensors' device)."""
+    """Our call for a family: ``fgs.tensor_stats`` with the family's histogram (per-expert: every statistic of
+    each slice of the stacked tensors, ``split=stacked_parts``), ``fgs.pair_stats`` or ``fgs.trajectory_map``
+    (centred at the first checkpoint, its Gram on the tensors' device)."""
     if family == "pair":
         return lambda a, b: fgs.pair_stats(a, b, backend=backend)
     if family == "trajectory":
         return lambda a, b: fgs.trajectory_map(checkpoint_series(a, b), center=0, progress=False,
                                                device=a[0].device)
+    if family == "per-expert":
+        return lambda a, b: fgs.tensor_stats(a, split=stacked_parts, backend=backend)
     hist = {"stats+log2": "log2", "stats": None, "linear-hist": "linear"}[family]
     return lambda a, b: fgs.tensor_stats(a, hist=hist, bins=LINEAR_BINS, backend=backend)
 
@@ -276,7 +300,10 @@ def bench_workload(
     workload: Workload, families: Sequence[str], device: torch.device, backend: str | None, repeats: int,
     warmup: int,
 ) -> list[Row]:
-    """Rows of every family on ``workload`` (b, the second list, only for the families that read it)."""
+    """Rows of every family on ``workload`` (b, the second list, only for the families that read it; the
+    per-expert family only when the workload has stacked, 3-D, tensors)."""
+    if not any(len(shape) == 3 for shape in workload.shapes):
+        families = [family for family in families if family not in STACKED_FAMILIES]
     a = workload.tensors(device, seed=0)
     b = workload.tensors(device, seed=1) if set(LISTS_READ) & set(families) else []
     timings = Timings(device, repeats, warmup)
@@ -428,6 +455,7 @@ ROOFLINE_FAMILIES = {
     "stats": ("tensor_stats",),
     "linear-hist": ("tensor_stats_ranges", "linear_hist"),
     "pair": ("pair_stats",),
+    "per-expert": ("tensor_stats",),
 }
 _ROOFLINE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
 

@@ -57,11 +57,21 @@ def many_small_shapes(count: int = 5000, low: int = 100, high: int = 5000) -> tu
     return tuple((sizes.randint(low, high),) for _ in range(count))
 
 
+def moe_shapes(experts: int, dim: int, ffn: int, layers: int) -> tuple[tuple[int, ...], ...]:
+    """Mixture-of-experts layers with stacked experts (torchtitan / grouped-GEMM layout): per layer a router
+    (experts×dim), w1 and w3 (experts×ffn×dim), w2 (experts×dim×ffn) and a norm (dim)."""
+    layer = [(experts, dim), (experts, ffn, dim), (experts, dim, ffn), (experts, ffn, dim), (dim,)]
+    return tuple(layer * layers)
+
+
 WORKLOADS: dict[str, Workload] = {
     "gpt2-small": Workload("gpt2-small", gpt2_small_shapes()),
     "1b": Workload("1b", llama_shapes(2048, 18), torch.bfloat16),
     "7b": Workload("7b", llama_shapes(4096, 32), torch.bfloat16),
     "many-small": Workload("many-small", many_small_shapes()),
     "tiny": Workload("tiny", ((8, 16), (33,), (4, 4, 4), (100,))),  # for tests and smoke runs
+    # 64 experts of DeepSeek-MoE-16B's shape (dim 2048, expert ffn 1408), 2 layers; and a CPU-sized version
+    "moe-64": Workload("moe-64", moe_shapes(64, 2048, 1408, 2), torch.bfloat16),
+    "moe-64-small": Workload("moe-64-small", moe_shapes(64, 128, 96, 2)),
 }
 DEFAULT_WORKLOADS = {"cpu": ("gpt2-small",), "cuda": ("gpt2-small", "1b", "7b", "many-small")}

@@ -245,3 +245,12 @@ def test_device_check_dry_run_records_every_step_and_goes_on_after_a_failure(tmp
     summary = done.stdout[done.stdout.index("measured vs roofline"):]
     assert "tiny        bfloat16  stats+log2" in summary and " 0.600 " in summary
     assert "FAILED: bench-no-such-workload-float32: failed (1)" in done.stdout
+
+
+def test_per_expert_family_splits_stacked_tensors_and_runs_only_where_there_are_some():
+    stats = bench.ours("per-expert", None)(SMALL.tensors(torch.device(DEVICE)), [])
+    assert stats.names == ["0", "1", "2[0]", "2[1]"]
+    assert len(bench.slice_loop(SMALL.tensors(torch.device(DEVICE)), [])) == 4
+    flat = bench.Workload("flat", ((3, 5), (40,)))
+    rows = run_small(flat, ["per-expert", "stats"])
+    assert {row.family for row in rows} == {"stats"}
