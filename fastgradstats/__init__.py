@@ -10,6 +10,7 @@ from .alerts import Alert, AlertConfig
 from .api import grad_stats, param_stats, tensor_stats
 from .clip import clip_grad_norm_
 from .monitor import Monitor, StepRecord
+from .optim import OptimizerStats, optimizer_stats
 from .pairs import cosine_similarity, pair_stats
 from .results import PairStats, TensorStats
 from .trajectory import TrajectoryMap, trajectory_map
@@ -20,6 +21,7 @@ __all__ = [
     "Alert",
     "AlertConfig",
     "Monitor",
+    "OptimizerStats",
     "PairStats",
     "StepRecord",
     "TensorStats",
@@ -27,6 +29,7 @@ __all__ = [
     "clip_grad_norm_",
     "cosine_similarity",
     "grad_stats",
+    "optimizer_stats",
     "pair_stats",
     "param_stats",
     "plots",
