@@ -1,9 +1,11 @@
-"""Plots of gradient statistics: per-layer gradient flow, log2 histograms over steps, norms over steps.
+"""Plots of gradient statistics: per-layer gradient flow, log2 histograms over steps, norms over steps, and
+per-part (MoE expert) statistics of a split layer over steps.
 
     from fastgradstats import plots
     fig = plots.gradient_flow(fgs.grad_stats(model), path="flow.png")
     fig = plots.log2_heatmap(monitor.history, "blocks.0.attn.w_q.weight", path="w_q.png")
     fig = plots.norms_over_time(monitor.history, path="norms.png")
+    fig = plots.split_heatmap(monitor.history, "layers.0.experts.w1", path="experts.png")
 
 Each function returns a ``matplotlib.figure.Figure`` drawn on the non-interactive Agg canvas (pyplot's global
 state is never touched) and, when ``path`` is given, saves it there (PNG unless the suffix names another
@@ -264,6 +266,82 @@ def norms_over_time(
     return _finish(fig, path)
 
 
+def split_heatmap(
+    records_or_stats: Sequence[StepRecord] | Sequence[LayerStats] | LayerStats,
+    name: str,
+    field: str = "l2",
+    kind: str = "grad",
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    r"""Heatmap of one split layer's per-part statistic over steps: x = step, y = part (expert), colour =
+    ``stats[kind].group(name).<field>``.
+
+    ``records_or_stats``: StepRecords (their ``stats[kind]``, at ``record.step``; records without ``kind``
+    are skipped) or statistics (at steps 0, 1, ...) computed with ``split=``. ``name``: the split layer, or a
+    regular expression that finds exactly one (as :meth:`~fastgradstats.results.LayerStats.group`).
+    Non-negative fields (l2, linf, std, dist, ...) get a log colour scale, with zeros left uncoloured (light
+    grey: a dead part); signed fields (mean, cos, ...) a linear one. NaN/Inf cells are left uncoloured and
+    marked with a red x. Raises ValueError for no statistics, an unknown field or a number of parts that
+    changes between steps, KeyError when ``name`` is not one split layer.
+
+    Example::
+
+        monitor = fgs.Monitor(model, split={r"experts\.w\d": 64})
+        ...
+        plots.split_heatmap(monitor.history, r"layers\.0\.experts\.w1", path="experts.png")
+    """
+    steps, all_stats = _stats_over_steps(records_or_stats, kind, "split_heatmap", stats_type=LayerStats)
+    if field not in all_stats[0].FIELDS:
+        raise ValueError(f"split_heatmap: stats[{kind!r}] has no field {field!r}; "
+                         f"choose one of {all_stats[0].FIELDS}")
+    columns = []
+    for step, stats in zip(steps, all_stats):
+        values = _host(getattr(stats.group(name), field))
+        if columns and values.size != columns[0].size:
+            raise ValueError(f"split_heatmap: '{name}' has {values.size} parts at step {step} but "
+                             f"{columns[0].size} at step {steps[0]}")
+        columns.append(values)
+    values = np.stack(columns, axis=1)  # [parts, steps]
+    log_scale = field in NONNEGATIVE_FIELDS
+    nonfinite = ~np.isfinite(values)
+    hidden = nonfinite | (values <= 0) if log_scale else nonfinite
+    shown = np.ma.masked_where(hidden, values)
+
+    _require_matplotlib()
+    from matplotlib.colors import LogNorm, Normalize
+    from matplotlib.ticker import MaxNLocator
+
+    parts = values.shape[0]
+    fig, ax = _figure((9, float(np.clip(2.5 + 0.12 * parts, 4, 12))))
+    visible = values[~hidden]
+    low, high = (float(visible.min()), float(visible.max())) if visible.size else (1.0, 1.0)
+    if log_scale:
+        norm = LogNorm(low, max(high, low * 1.0001))
+    else:
+        norm = Normalize(low, high if high > low else low + 1)
+    mesh = ax.pcolormesh(_step_edges(np.asarray(steps, dtype=np.float64)), np.arange(parts + 1) - 0.5, shown,
+                         norm=norm, cmap="viridis", shading="flat")
+    fig.colorbar(mesh, ax=ax, label=f"{kind} {field}" + (" (log scale)" if log_scale else ""))
+    ax.set_facecolor("whitesmoke")
+    bad_parts, bad_steps = np.nonzero(nonfinite)
+    if bad_parts.size:
+        ax.scatter(np.asarray(steps)[bad_steps], bad_parts, marker="x", s=40, color=NONFINITE_COLOR, zorder=5)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
+    ax.set_ylim(parts - 0.5, -0.5)  # part 0 at the top
+    ax.set_xlabel("step")
+    ax.set_ylabel("part (expert)")
+    layer = all_stats[0].group(name).names[0].rsplit("[", 1)[0]
+    title = f"{kind} {field} of the {parts} parts of '{layer}' over {len(steps)} steps"
+    notes = []
+    if log_scale and (values == 0).any():
+        notes.append("grey: zero")
+    if bad_parts.size:
+        notes.append(f"red x: NaN/Inf ({bad_parts.size} cells)")
+    ax.set_title(title + ("\n" + ", ".join(notes) if notes else ""))
+    return _finish(fig, path)
+
+
 def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
@@ -315,9 +393,9 @@ def _format(value: float) -> str:
 
 
 def _stats_over_steps(
-    items, kind: str, caller: str, records_only: bool = False
+    items, kind: str, caller: str, records_only: bool = False, stats_type: type = TensorStats
 ) -> tuple[list[int], list[LayerStats]]:
-    """(steps, stats) from StepRecords (``record.stats[kind]``) or TensorStats (steps 0, 1, ...)."""
+    """(steps, stats) from StepRecords (``record.stats[kind]``) or ``stats_type`` items (steps 0, 1, ...)."""
     if isinstance(items, (LayerStats, StepRecord)):
         items = [items]
     items = list(items)
@@ -330,9 +408,9 @@ def _stats_over_steps(
             raise ValueError(f"{caller}: no record has stats[{kind!r}] (recorded kinds: {recorded})")
         steps, stats = zip(*pairs)
         return list(steps), list(stats)
-    if not records_only and all(isinstance(item, TensorStats) for item in items):
+    if not records_only and all(isinstance(item, stats_type) for item in items):
         return list(range(len(items))), items
-    expected = "StepRecords" if records_only else "StepRecords or TensorStats"
+    expected = "StepRecords" if records_only else f"StepRecords or {stats_type.__name__}"
     found = sorted({type(item).__name__ for item in items})
     raise TypeError(f"{caller}: expected a sequence of {expected}, got items of type {found}")
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Iterable
 
 import torch
 
 from .hist import HistSpec, linear_edges, linear_ranges, log2_edges
 from .rows import RawStats, derive, derive_pair, l2_norm, linf_norm, merge_pair_rows, merge_rows
+
+SUMMARIZE_SPLITS = 16
+"""By default, table() and the sinks summarise a split layer with more than this many parts."""
 
 
 class _Derived:
@@ -34,6 +38,7 @@ class LayerStats:
 
     FIELDS: tuple[str, ...] = ()
     TABLE_FIELDS: tuple[str, ...] = ()
+    RANK_FIELD = ""  # the field split_summary ranks parts by
 
     def __init__(self, rows: torch.Tensor, names: list[str], total: LayerStats | None = None,
                  derived: dict[str, torch.Tensor] | None = None) -> None:
@@ -120,15 +125,97 @@ class LayerStats:
         index = () if self.rows.dim() == 1 else (i,)
         return {field: self._derived[field][index].item() for field in self.FIELDS}
 
-    def table(self) -> str:
-        """A readable per-layer table with a total line (syncs, like ``to_dict``)."""
+    def _dead(self, derived: dict[str, torch.Tensor]) -> torch.Tensor:
+        """bool [L]: the layers that count as dead in :meth:`split_summary`."""
+        raise NotImplementedError
+
+    def split_summary(self, k: int = 3, field: str | None = None,
+                      layers: Iterable[str] | None = None) -> dict[str, dict]:
+        r"""A short summary of each layer split with ``split=``, instead of one row per part (syncs once).
+
+        For each split layer (all of them, or those named in ``layers``), in order::
+
+            {"parts": 64, "field": "l2", "cv": 0.41, "dead": 2, "nonfinite": 0,
+             "smallest": [{"part": 6, "name": "experts.w1[6]", "value": 0.0}, ...],   # ascending
+             "largest": [{"part": 3, "name": "experts.w1[3]", "value": 12.5}, ...]}   # descending
+
+        ``field`` ranks the parts: ``l2`` for TensorStats, ``dist`` for PairStats (‖a − b‖) by default; any
+        field of :attr:`FIELDS` may be given. ``smallest``/``largest`` hold the min(k, parts) parts with the
+        smallest and largest values (ties by part index; the two lists overlap when parts < 2k). NaN ranks
+        above +inf, so NaN parts come first in ``largest`` and are always reported. ``cv`` is the
+        coefficient of variation of the parts' values, population std / |mean|: NaN when a part is NaN or
+        ±Inf, or when the mean is 0. ``nonfinite`` counts the parts whose value is NaN or ±Inf. ``dead``
+        counts the dead parts: for TensorStats, non-empty parts with only zeros (``zeros == numel``, as the
+        Monitor's dead alert); for PairStats, non-empty parts where a − b is all zero (``dist == 0``: the
+        part did not move).
+
+        Raises ValueError for k < 1 or an unknown field, KeyError for a name in ``layers`` that is not a
+        split layer.
+
+        Example::
+
+            stats = fgs.grad_stats(model, split={r"experts\.w\d": 64})
+            stats.split_summary(k=2)["layers.0.experts.w1"]["largest"][0]["name"]   # the largest expert
+        """
+        field = self.RANK_FIELD if field is None else field
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"split_summary: k must be an int >= 1, got {k!r}")
+        if field not in self.FIELDS:
+            raise ValueError(f"split_summary: {type(self).__name__} has no field {field!r}; "
+                             f"choose one of {self.FIELDS}")
+        names = list(self.splits) if layers is None else list(layers)
+        unknown = [name for name in names if name not in self.splits]
+        if unknown:
+            raise KeyError(f"split_summary: {unknown} are not split layers; "
+                           f"split layers: {list(self.splits)}")
+        if not names:
+            return {}
+        derived = self._derived
+        values = derived[field].detach().to("cpu", torch.float64).tolist()
+        dead = self._dead(derived).cpu().tolist()
+        return {name: self._summary_of(self.splits[name], values, dead, field, k) for name in names}
+
+    def _summary_of(self, rows: range, values: list[float], dead: list[bool], field: str, k: int) -> dict:
+        part_values = [values[row] for row in rows]
+        ranks = [_rank(value) for value in part_values]  # NaN above +inf
+        order = sorted(range(len(rows)), key=lambda i: ranks[i])
+        descending = sorted(range(len(rows)), key=lambda i: (-ranks[i][0], -ranks[i][1]))
+
+        def entries(parts: list[int]) -> list[dict]:
+            return [{"part": i, "name": self.names[rows[i]], "value": part_values[i]} for i in parts]
+
+        return {"parts": len(rows), "field": field, "cv": _coefficient_of_variation(part_values),
+                "dead": sum(dead[row] for row in rows),
+                "nonfinite": sum(not math.isfinite(value) for value in part_values),
+                "smallest": entries(order[:k]), "largest": entries(descending[:k])}
+
+    def table(self, summarize_splits: bool | int = SUMMARIZE_SPLITS, k: int = 3) -> str:
+        """A readable per-layer table with a total line (syncs, like ``to_dict``).
+
+        ``summarize_splits``: which layers split with ``split=`` are shown as a summary block (a line with
+        the :meth:`split_summary` of the layer, then the rows of its ``k`` smallest and ``k`` largest parts,
+        in ascending order) instead of one row per part: True every split layer, False none, an int n those
+        with more than n parts (default 16).
+        """
         data = self.to_dict()
-        lines = list(data["layers"].items())
+        summaries = self.split_summary(k, layers=splits_to_summarize(self.splits, summarize_splits, "table"))
+        rows: list[tuple[str, dict] | str] = []
+        skipped: set[int] = set()
+        for name, parts in self.splits.items():
+            if name in summaries:
+                skipped.update(parts)
+        summary_at = {self.splits[name].start: name for name in summaries}
+        for i, (name, values) in enumerate(data["layers"].items()):
+            if i in summary_at:
+                rows.extend(_summary_rows(summary_at[i], summaries[summary_at[i]], data["layers"]))
+            if i not in skipped:
+                rows.append((name, values))
         if data["total"] is not None:
-            lines.append(("total", data["total"]))
-        width = max([len("layer")] + [len(name) for name, _ in lines])
+            rows.append(("total", data["total"]))
+        width = max([len("layer")] + [len(row[0]) for row in rows if isinstance(row, tuple)])
         header = f"{'layer':<{width}} " + " ".join(f"{f:>11}" for f in self.TABLE_FIELDS)
-        body = [f"{name:<{width}} " + " ".join(_cell(v[f]) for f in self.TABLE_FIELDS) for name, v in lines]
+        body = [row if isinstance(row, str) else
+                f"{row[0]:<{width}} " + " ".join(_cell(row[1][f]) for f in self.TABLE_FIELDS) for row in rows]
         return "\n".join([header, *body])
 
 
@@ -156,6 +243,7 @@ class TensorStats(LayerStats):
 
     FIELDS = ("numel", "sum", "mean", "std", "l1", "l2", "linf", "min", "max", "zeros", "nonfinite")
     TABLE_FIELDS = ("numel", "l2", "mean", "std", "min", "max", "linf", "zeros", "nonfinite")
+    RANK_FIELD = "l2"
     _derive = staticmethod(derive)
 
     def __init__(
@@ -235,6 +323,9 @@ class TensorStats(LayerStats):
         derived = {field: value[rows] for field, value in self._derived.items()}
         return TensorStats(self.rows[rows], self.names[rows], hist, edges, total, derived=derived)
 
+    def _dead(self, derived: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (derived["numel"] > 0) & (derived["zeros"] == derived["numel"])
+
     def _on_host(self) -> TensorStats:
         return TensorStats(self.rows.cpu(), self.names, _cpu(self.hist), _cpu(self.hist_edges),
                            derived=self._host_derived())
@@ -268,6 +359,7 @@ class PairStats(LayerStats):
 
     FIELDS = ("numel", "dot", "a_l2", "b_l2", "cos", "dist")
     TABLE_FIELDS = FIELDS
+    RANK_FIELD = "dist"
     _derive = staticmethod(derive_pair)
 
     @classmethod
@@ -281,6 +373,9 @@ class PairStats(LayerStats):
             total = cls(out["total_row"], ["total"], derived=out["total"])
             return cls(rows, names, total, derived=out["layers"])
         return cls(rows, names, cls(merge_pair_rows(rows), ["total"]))
+
+    def _dead(self, derived: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (derived["numel"] > 0) & (derived["dist"] == 0)
 
     def _slice(self, rows: slice) -> PairStats:
         derived = {field: value[rows] for field, value in self._derived.items()}
@@ -296,3 +391,51 @@ def _cell(value: float) -> str:
     if isinstance(value, int):
         return f"{value:>11d}"
     return f"{value:>11.4g}" if math.isfinite(value) else f"{value!s:>11}"
+
+
+def splits_to_summarize(splits: dict[str, range], summarize_splits: bool | int, caller: str) -> list[str]:
+    """The split layers that ``summarize_splits`` (True: all, False: none, n: those with more than n parts)
+    selects, in order. Raises TypeError/ValueError naming ``caller`` for anything else."""
+    if isinstance(summarize_splits, bool):
+        return list(splits) if summarize_splits else []
+    if not isinstance(summarize_splits, int) or summarize_splits < 0:
+        raise ValueError(f"{caller}: summarize_splits must be True, False or an int >= 0 (summarise split "
+                         f"layers with more parts than that), got {summarize_splits!r}")
+    return [name for name, parts in splits.items() if len(parts) > summarize_splits]
+
+
+def _rank(value: float) -> tuple[int, float]:
+    """Sort key of a part's value: NaN after every number, +inf included."""
+    return (1, 0.0) if math.isnan(value) else (0, value)
+
+
+def _coefficient_of_variation(values: list[float]) -> float:
+    """Population std / |mean| of ``values`` (NaN for a NaN or ±Inf value, or a zero mean)."""
+    if not values or not all(math.isfinite(value) for value in values):
+        return math.nan
+    mean = math.fsum(values) / len(values)
+    if mean == 0:
+        return math.nan
+    variance = math.fsum((value - mean) ** 2 for value in values) / len(values)
+    return math.sqrt(variance) / abs(mean)
+
+
+def _summary_rows(name: str, summary: dict, layers: dict[str, dict]) -> list[tuple[str, dict] | str]:
+    """A split layer's table block: a summary line, then its smallest and largest parts in ascending order
+    ("..." where parts are left out)."""
+    smallest = summary["smallest"]
+    shown = {entry["part"] for entry in smallest}
+    largest = [entry for entry in reversed(summary["largest"]) if entry["part"] not in shown]
+    title = (f"{name}: {summary['parts']} parts by {summary['field']}, cv {_format(summary['cv'])}, "
+             f"{summary['dead']} dead, {summary['nonfinite']} NaN/Inf; the {len(smallest)} smallest "
+             f"and {len(summary['largest'])} largest:")
+    rows: list[tuple[str, dict] | str] = [title]
+    rows.extend((f"  {entry['name']}", layers[entry["name"]]) for entry in smallest)
+    if len(smallest) + len(largest) < summary["parts"]:
+        rows.append("  ...")
+    rows.extend((f"  {entry['name']}", layers[entry["name"]]) for entry in largest)
+    return rows
+
+
+def _format(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else str(value)

@@ -9,6 +9,14 @@ A sink is any object with ``write(record)`` and ``close()``; Monitor calls ``wri
 TensorBoard and Weights & Biases get the same flat scalar names, ``{kind}/{field}/{layer}`` and
 ``{kind}/{field}/total``, with the fields of :data:`SCALAR_FIELDS`; ``alerts/{kind}`` counts the alerts of
 each kind (when alerts are tracked); histograms are ``{kind}/hist/{layer}`` and ``{kind}/hist/total``.
+
+Split layers (``split=``, MoE experts) with more than ``summarize_splits`` parts (default 16; True: every
+split layer, False: none) are written as their :meth:`~fastgradstats.results.LayerStats.split_summary`
+instead of one entry per part, so the number of keys stays capped: the parts leave ``layers`` (with their
+histograms) and ``{kind}/{field}/{layer}/...`` carries the summary, ranked by ``l2`` (grad, param) or
+``dist`` (update, grad_cos, init): ``cv``, ``dead``, ``nonfinite``, ``smallest/{i}`` and ``largest/{i}``
+(the i-th smallest / largest value, i < k) with ``smallest/{i}/part`` and ``largest/{i}/part`` (that part's
+index: the part is ``{layer}[{index}]``). JSONL writes the same summaries under ``{kind}["splits"]``.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .alerts import KINDS as ALERT_KINDS
+from .results import SUMMARIZE_SPLITS, splits_to_summarize
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -47,13 +56,19 @@ class JSONL:
     ``json`` writes them (``NaN``, ``Infinity``, ``-Infinity``): ``json.loads`` reads them back, strict JSON
     parsers (``jq``, JavaScript's ``JSON.parse``) do not.
 
+    Split layers with more than ``summarize_splits`` parts are written as ``{kind}["splits"][layer]``, the
+    layer's ``split_summary(k)``, and their parts left out of ``{kind}["layers"]`` (see the module docstring).
+
     Raises OSError naming ``path`` when the file cannot be opened (at construction) or written.
 
         sink = fgs.sinks.JSONL("runs/stats.jsonl")
         [json.loads(line) for line in open("runs/stats.jsonl")]  # [{"step": 1, "grad": {...}, "alerts": []}]
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, summarize_splits: bool | int = SUMMARIZE_SPLITS,
+                 k: int = 3) -> None:
+        _check_summary_args(summarize_splits, k, "JSONL sink")
+        self.summarize_splits, self.k = summarize_splits, k
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +81,8 @@ class JSONL:
         """Append ``record`` as one line (syncs with the device)."""
         if self.closed:
             raise RuntimeError(f"JSONL sink: write() after close() ({self.path})")
-        line = json.dumps(record.to_dict()) + "\n"
+        data = _summarize_splits(record.to_dict(), record, self.summarize_splits, self.k)
+        line = json.dumps(data) + "\n"
         try:
             self._file.write(line)
             self._file.flush()
@@ -85,6 +101,7 @@ class TensorBoard:
     Args:
         log_dir_or_writer: a directory (a ``SummaryWriter`` is created there and closed by ``close()``) or an
             existing ``torch.utils.tensorboard.SummaryWriter`` (``close()`` only flushes it).
+        summarize_splits, k: split layers written as summaries (see the module docstring).
 
     Histograms go through ``add_histogram_raw`` from our own counts and edges, without recomputation:
     bucket_limits are the upper edges of the buckets from the first to the last non-empty one, min and max
@@ -95,7 +112,10 @@ class TensorBoard:
         sink = fgs.sinks.TensorBoard("runs/tb")  # tags "grad/l2/0.weight", "grad/hist/0.weight", ...
     """
 
-    def __init__(self, log_dir_or_writer: str | os.PathLike | SummaryWriter) -> None:
+    def __init__(self, log_dir_or_writer: str | os.PathLike | SummaryWriter,
+                 summarize_splits: bool | int = SUMMARIZE_SPLITS, k: int = 3) -> None:
+        _check_summary_args(summarize_splits, k, "TensorBoard sink")
+        self.summarize_splits, self.k = summarize_splits, k
         if isinstance(log_dir_or_writer, (str, os.PathLike)):
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -120,7 +140,7 @@ class TensorBoard:
         """Add the scalars, histograms and alert counts of ``record`` (syncs with the device)."""
         if self.closed:
             raise RuntimeError("TensorBoard sink: write() after close()")
-        data = _plain(record)
+        data = _plain(record, self.summarize_splits, self.k)
         for tag, value in scalars(record, data).items():
             self.writer.add_scalar(tag, value, global_step=record.step)
         for hist in _histograms(data):
@@ -152,6 +172,7 @@ class Wandb:
 
     Args:
         run: the run to log to; default the active ``wandb.run`` (RuntimeError when there is none).
+        summarize_splits, k: split layers written as summaries (see the module docstring).
 
     Keys are those of the TensorBoard sink; histograms are ``wandb.Histogram(np_histogram=(counts, edges))``
     over the non-empty span of our buckets. The row is left open (no commit), so metrics you log at the same
@@ -163,7 +184,9 @@ class Wandb:
         sink = fgs.sinks.Wandb()
     """
 
-    def __init__(self, run: Any = None) -> None:
+    def __init__(self, run: Any = None, summarize_splits: bool | int = SUMMARIZE_SPLITS, k: int = 3) -> None:
+        _check_summary_args(summarize_splits, k, "Wandb sink")
+        self.summarize_splits, self.k = summarize_splits, k
         try:
             import wandb
         except ImportError as error:
@@ -179,7 +202,7 @@ class Wandb:
         """Log the scalars, histograms and alert counts of ``record`` (syncs with the device)."""
         if self.closed:
             raise RuntimeError("Wandb sink: write() after close()")
-        data = _plain(record)
+        data = _plain(record, self.summarize_splits, self.k)
         payload: dict[str, Any] = dict(scalars(record, data))
         for hist in _histograms(data):
             payload[hist.tag] = self._histogram(np_histogram=(hist.counts, hist.edges))
@@ -190,16 +213,19 @@ class Wandb:
         self.closed = True
 
 
-def scalars(record: StepRecord, data: dict | None = None) -> dict[str, float]:
+def scalars(record: StepRecord, data: dict | None = None, summarize_splits: bool | int = SUMMARIZE_SPLITS,
+            k: int = 3) -> dict[str, float]:
     """The flat scalars of ``record`` that TensorBoard and Wandb log (syncs unless ``data`` is given).
 
-    ``{kind}/{field}/{layer}`` and ``{kind}/{field}/total`` for the fields of :data:`SCALAR_FIELDS`, and
-    ``alerts/{kind}`` (the number of alerts of each kind) when alerts are tracked. ``data`` is
-    ``record.to_dict()`` with the update's total ratio, when the caller already has it.
+    ``{kind}/{field}/{layer}`` and ``{kind}/{field}/total`` for the fields of :data:`SCALAR_FIELDS`, the
+    summary keys of split layers with more than ``summarize_splits`` parts (see the module docstring), and
+    ``alerts/{kind}`` (the number of alerts of each kind) when alerts are tracked. ``data`` is what the sinks
+    build from ``record.to_dict()`` (update's total ratio and split summaries added), when the caller already
+    has it.
 
         scalars(record)["grad/l2/total"]  # the global gradient norm
     """
-    data = _plain(record) if data is None else data
+    data = _plain(record, summarize_splits, k) if data is None else data
     values: dict[str, float] = {}
     for kind, fields in SCALAR_FIELDS.items():
         if kind not in data:
@@ -208,9 +234,21 @@ def scalars(record: StepRecord, data: dict | None = None) -> dict[str, float]:
         for field in fields:
             for layer, stats in layers.items():
                 values[f"{kind}/{field}/{layer}"] = stats[field]
+        for layer, summary in data[kind].get("splits", {}).items():
+            values.update(_summary_scalars(f"{kind}/{summary['field']}/{layer}", summary))
     if record.alert_flags is not None:
         kinds = [alert["kind"] for alert in data["alerts"]]
         values.update({f"alerts/{kind}": kinds.count(kind) for kind in ALERT_KINDS})
+    return values
+
+
+def _summary_scalars(prefix: str, summary: dict) -> dict[str, float]:
+    """One split layer's summary as flat scalars under ``prefix`` (part names as their indices)."""
+    values = {f"{prefix}/{key}": summary[key] for key in ("cv", "dead", "nonfinite")}
+    for end in ("smallest", "largest"):
+        for i, entry in enumerate(summary[end]):
+            values[f"{prefix}/{end}/{i}"] = entry["value"]
+            values[f"{prefix}/{end}/{i}/part"] = entry["part"]
     return values
 
 
@@ -225,13 +263,36 @@ class _Histogram:
     sum_squares: float
 
 
-def _plain(record: StepRecord) -> dict:
-    """``record.to_dict()`` plus the update's total ratio ‖Δθ‖ / ‖θ‖ over all layers."""
+def _plain(record: StepRecord, summarize_splits: bool | int, k: int) -> dict:
+    """``record.to_dict()`` plus the update's total ratio ‖Δθ‖ / ‖θ‖ over all layers, with split layers of
+    more than ``summarize_splits`` parts summarised."""
     data = record.to_dict()
     if "update" in record.stats:
         total = record.stats["update"].total
         data["update"]["total"]["ratio"] = (total.dist / total.a_l2).item()
+    return _summarize_splits(data, record, summarize_splits, k)
+
+
+def _summarize_splits(data: dict, record: StepRecord, summarize_splits: bool | int, k: int) -> dict:
+    """``data`` (a ``record.to_dict()``) with the parts of each split layer that ``summarize_splits`` selects
+    left out of ``data[kind]["layers"]`` and its ``split_summary(k)`` in ``data[kind]["splits"]``."""
+    for kind, stats in record.stats.items():
+        chosen = splits_to_summarize(stats.splits, summarize_splits, "sink")
+        if not chosen:
+            continue
+        summaries = stats.split_summary(k, layers=chosen)
+        layers = data[kind]["layers"]
+        for name in chosen:
+            for row in stats.splits[name]:
+                del layers[stats.names[row]]
+        data[kind]["splits"] = summaries
     return data
+
+
+def _check_summary_args(summarize_splits: bool | int, k: int, caller: str) -> None:
+    splits_to_summarize({}, summarize_splits, caller)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{caller}: k must be an int >= 1, got {k!r}")
 
 
 def _histograms(data: dict) -> Iterator[_Histogram]:

@@ -202,3 +202,61 @@ def test_missing_matplotlib_raises_install_hint(records, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r'pip install "fastgradstats\[plots\]"'):
         plots.gradient_flow(records[0].stats["grad"])
+
+
+# split_heatmap: per-part (MoE expert) statistics over steps
+
+
+def expert_records(steps=STEPS, poison=False):
+    """Monitor records of a [6, 3, 2] expert stack split into 6 parts (part 4 gets no gradient)."""
+    torch.manual_seed(0)
+    experts = torch.nn.Parameter(torch.randn(6, 3, 2))
+    model = torch.nn.ParameterDict({"experts": experts})
+    monitor = fgs.Monitor(model, track=("grad", "param"), split={"experts": 6})
+    for step in range(steps):
+        model.zero_grad()
+        (experts[[0, 1, 2, 3, 5]] * torch.randn(5, 3, 2)).sum().backward()
+        if poison and step == steps - 1:
+            experts.grad[1, 0, 0] = float("nan")
+        monitor.step()
+    monitor.close()
+    return list(monitor.history)
+
+
+def test_split_heatmap_data_equals_the_per_part_values_of_each_record(tmp_path):
+    records = expert_records()
+    fig = plots.split_heatmap(records, "experts", path=tmp_path / "experts.png")
+    cells = fig.axes[0].collections[0].get_array()
+    expected = torch.stack([r.stats["grad"].group("experts").l2 for r in records], dim=1).double().numpy()
+    assert cells.shape == (6, STEPS)
+    assert (cells.data == expected).all()
+    assert cells.mask[4].all() and not cells.mask[[0, 1, 2, 3, 5]].any()  # zero part: left uncoloured
+    assert "grey: zero" in fig.axes[0].get_title()
+    assert fig.axes[1].get_yscale() == "log"  # the colour bar
+    assert_png(tmp_path / "experts.png")
+
+
+def test_split_heatmap_signed_field_of_params_is_linear_and_accepts_stats():
+    records = expert_records(steps=2)
+    stats = [r.stats["param"] for r in records]
+    fig = plots.split_heatmap(stats, "exp", field="mean")
+    assert fig.axes[1].get_yscale() == "linear"
+    assert (fig.axes[0].collections[0].get_array().data[:, 0] == stats[0].group("experts").mean.numpy()).all()
+
+
+def test_split_heatmap_marks_nan_parts():
+    records = expert_records(poison=True)
+    fig = plots.split_heatmap(records, "experts")
+    markers = fig.axes[0].collections[1].get_offsets()
+    assert markers.tolist() == [[records[-1].step, 1.0]]
+    assert "NaN/Inf (1 cells)" in fig.axes[0].get_title()
+
+
+def test_split_heatmap_bad_name_or_field_raises(records):
+    experts = expert_records(steps=1)
+    with pytest.raises(KeyError, match="split layers: \\['experts'\\]"):
+        plots.split_heatmap(experts, "router")
+    with pytest.raises(ValueError, match="no field 'l3'"):
+        plots.split_heatmap(experts, "experts", field="l3")
+    with pytest.raises(KeyError, match="no split layer"):
+        plots.split_heatmap(records, "0.weight")

@@ -223,3 +223,110 @@ def test_missing_package_names_the_pip_extra(tmp_path, monkeypatch, module, make
     monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(ImportError, match=re.escape('pip install "fastgradstats[all]"')):
         make_sink(tmp_path)
+
+
+# Split layers (MoE experts): summaries instead of one entry per part
+
+
+PARTS = 20
+
+
+class Experts(torch.nn.Module):
+    """A stack of 20 experts [20, 3, 4] of which 5..19 receive no gradient, and a router."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.experts = torch.nn.Parameter(torch.randn(PARTS, 3, 4))
+        self.router = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.router(x) @ self.experts[:5].sum(0)).square().mean()
+
+
+def run_experts(sinks: list, steps: int = 2) -> list:
+    model = Experts()
+    monitor = fgs.Monitor(model, track=("grad", "update"), split={"experts": PARTS}, sinks=sinks)
+    records = []
+    for step in range(1, steps + 1):
+        model.zero_grad()
+        model(torch.randn(8, 4, generator=torch.Generator().manual_seed(step))).backward()
+        records.append(monitor.step())
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+    monitor.close()
+    return records
+
+
+def summary_keys(summary: dict, prefix: str) -> dict[str, float]:
+    """The scalars the TensorBoard and W&B sinks log for one split summary."""
+    values = {f"{prefix}/{key}": summary[key] for key in ("cv", "dead", "nonfinite")}
+    for end in ("smallest", "largest"):
+        for i, entry in enumerate(summary[end]):
+            values[f"{prefix}/{end}/{i}"], values[f"{prefix}/{end}/{i}/part"] = entry["value"], entry["part"]
+    return values
+
+
+def test_jsonl_writes_split_summaries_instead_of_the_parts(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    records = run_experts([fgs.sinks.JSONL(path)])
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for line, record in zip(lines, records):
+        assert list(line["grad"]["layers"]) == ["router.weight", "router.bias"]
+        assert line["grad"]["splits"] == record.stats["grad"].split_summary(3)
+        assert line["grad"]["splits"]["experts"]["dead"] == PARTS - 5
+        assert line["grad"]["total"] == record.to_dict()["grad"]["total"]
+    assert lines[1]["update"]["splits"]["experts"]["field"] == "dist"
+    assert lines[1]["update"]["splits"]["experts"]["dead"] == PARTS - 5  # experts without gradient: unmoved
+
+
+def test_sinks_below_the_threshold_write_every_part(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    records = run_experts([fgs.sinks.JSONL(path, summarize_splits=PARTS)], steps=1)
+    line = json.loads(path.read_text())
+    assert line == records[0].to_dict()
+    assert f"grad/l2/experts[{PARTS - 1}]" in scalars(records[0], summarize_splits=False)
+
+
+def test_tensorboard_and_jsonl_carry_the_same_summary_with_capped_keys(tmp_path):
+    path = tmp_path / "stats.jsonl"
+    records = run_experts([fgs.sinks.JSONL(path, k=2), fgs.sinks.TensorBoard(tmp_path / "tb", k=2)])
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    events = read_events(tmp_path / "tb")
+    tags = set(events.Tags()["scalars"])
+    assert not any("experts[" in tag for tag in tags)
+    assert len([tag for tag in tags if tag.startswith("grad/") and "experts" in tag]) == 3 + 4 * 2
+    for kind, field in (("grad", "l2"), ("update", "dist")):
+        expected = summary_keys(lines[-1][kind]["splits"]["experts"], f"{kind}/{field}/experts")
+        for tag, value in expected.items():
+            logged = events.Scalars(tag)[-1]
+            assert logged.step == records[-1].step
+            assert logged.value == pytest.approx(value, rel=1e-6, nan_ok=True), tag
+    assert "grad/hist/experts[0]" not in events.Tags()["histograms"]
+    assert "grad/hist/router.weight" in events.Tags()["histograms"]
+
+
+def test_wandb_logs_the_same_summary_as_jsonl(tmp_path, wandb_offline):
+    path = tmp_path / "stats.jsonl"
+    run = wandb_offline.init(mode="offline", dir=tmp_path, project="fastgradstats-tests")
+    try:
+        records = run_experts([fgs.sinks.JSONL(path), fgs.sinks.Wandb()])
+        run.log({"done": 1}, step=records[-1].step + 1)
+        last = json.loads(path.read_text().splitlines()[-1])
+        expected = summary_keys(last["grad"]["splits"]["experts"], "grad/l2/experts")
+        assert {key: run.summary[key] for key in expected} == pytest.approx(expected, nan_ok=True)
+        assert "grad/l2/experts[0]" not in run.summary.keys()  # noqa: SIM118 (wandb summaries have no __contains__)
+    finally:
+        run.finish()
+
+
+@pytest.mark.parametrize("make_sink", [
+    lambda tmp_path, **kw: fgs.sinks.JSONL(tmp_path / "s.jsonl", **kw),
+    lambda tmp_path, **kw: fgs.sinks.TensorBoard(tmp_path, **kw),
+])
+def test_sinks_reject_a_bad_summary_threshold_or_k(tmp_path, make_sink):
+    with pytest.raises(ValueError, match="summarize_splits"):
+        make_sink(tmp_path, summarize_splits="many")
+    with pytest.raises(ValueError, match="k must be"):
+        make_sink(tmp_path, k=0)

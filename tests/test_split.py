@@ -228,3 +228,87 @@ def test_monitor_split_names_slices_in_every_tracked_kind():
     monitor.close()
     with pytest.raises(ValueError, match=r"layer '0.weight' has shape \(6, 4\): dim 0 \(6\) does not split"):
         fgs.Monitor(model, split={r"0\.weight": 4})
+
+
+# Summaries of split layers: split_summary(), table()
+
+
+def summary_stats() -> fgs.TensorStats:
+    """A [20, 3, 2] stack (part 2 all zero, part 4 NaN, part 5 +inf) and a [4, 2] projection, split."""
+    torch.manual_seed(0)
+    experts = torch.randn(20, 3, 2)
+    experts[2] = 0.0
+    experts[4, 0, 0] = float("nan")
+    experts[5, 1, 1] = float("inf")
+    return fgs.tensor_stats([experts, torch.randn(4, 2)], ["experts", "proj"],
+                            split={"experts": 20, "proj": 4}, backend="torch")
+
+
+def test_split_summary_ranks_parts_by_l2_with_nan_as_largest():
+    stats = summary_stats()
+    summary = stats.split_summary(k=3)["experts"]
+    l2 = stats.group("experts").l2.tolist()
+    finite = sorted((value, i) for i, value in enumerate(l2) if math.isfinite(value))
+    assert [entry["part"] for entry in summary["smallest"]] == [i for _, i in finite[:3]]
+    assert [entry["part"] for entry in summary["largest"]] == [4, 5, finite[-1][1]]
+    assert summary["smallest"][0]["name"] == "experts[2]"
+    assert summary["smallest"][1]["value"] == l2[finite[1][1]]
+    assert math.isnan(summary["largest"][0]["value"]) and summary["largest"][1]["value"] == math.inf
+    assert (summary["parts"], summary["field"], summary["dead"], summary["nonfinite"]) == (20, "l2", 1, 2)
+    assert math.isnan(summary["cv"])
+
+
+def test_split_summary_cv_is_population_std_over_mean_of_the_parts():
+    stats = summary_stats()
+    summary = stats.split_summary(k=10)["proj"]
+    l2 = np.array(stats.group("proj").l2.tolist())
+    assert summary["cv"] == pytest.approx(l2.std() / l2.mean(), rel=1e-12)
+    assert len(summary["smallest"]) == len(summary["largest"]) == 4  # k is capped at the number of parts
+    assert [e["part"] for e in summary["smallest"]] == [e["part"] for e in reversed(summary["largest"])]
+
+
+def test_split_summary_of_pair_stats_ranks_by_dist_and_counts_unmoved_parts_as_dead():
+    torch.manual_seed(0)
+    a = torch.randn(6, 5)
+    b = a.clone()
+    b[:3] += torch.randn(3, 5)  # parts 3..5 unchanged
+    stats = fgs.pair_stats({"w": a}, {"w": b}, split={"w": 6}, backend="torch")
+    summary = stats.split_summary(k=2, layers=["w"])["w"]
+    assert summary["field"] == "dist" and summary["dead"] == 3
+    assert [e["part"] for e in summary["smallest"]] == [3, 4]
+    assert summary["largest"][0]["value"] == stats.dist[:3].max().item()
+
+
+def test_split_summary_other_field_and_bad_arguments():
+    stats = summary_stats()
+    assert stats.split_summary(field="linf", layers=["proj"])["proj"]["field"] == "linf"
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        stats.split_summary(k=0)
+    with pytest.raises(ValueError, match="no field 'l3'"):
+        stats.split_summary(field="l3")
+    with pytest.raises(KeyError, match="not split layers"):
+        stats.split_summary(layers=["experts[0]"])
+    with pytest.raises(ValueError, match="summarize_splits"):
+        stats.table(summarize_splits=-1)
+
+
+def test_table_summarizes_split_layers_with_more_parts_than_the_threshold():
+    stats = summary_stats()
+    lines = stats.table().splitlines()
+    part_rows = [line.split()[0] for line in lines if line.startswith("  experts[")]
+    assert len(part_rows) == 6
+    summary = stats.split_summary()["experts"]
+    assert part_rows == [e["name"] for e in summary["smallest"] + summary["largest"][::-1]]
+    assert any(line.startswith("experts: 20 parts by l2, cv nan, 1 dead, 2 NaN/Inf") for line in lines)
+    assert "  ..." in lines
+    assert [line.split()[0] for line in lines if line.startswith("proj[")] == [f"proj[{i}]" for i in range(4)]
+    assert lines[-1].startswith("total")
+
+
+def test_table_summarize_splits_true_false_and_k():
+    stats = summary_stats()
+    every_row = stats.table(summarize_splits=False)
+    assert all(f"experts[{i}] " in every_row for i in range(20))
+    summarized = stats.table(summarize_splits=True, k=1).splitlines()
+    assert any(line.startswith("proj: 4 parts by l2") for line in summarized)
+    assert sum(line.startswith("  proj[") for line in summarized) == 2
