@@ -10,7 +10,13 @@ What ``track`` can hold, and the memory each choice keeps (besides the statistic
 * ``"grad"``: gradient statistics of the parameters that have a ``.grad`` (TensorStats). No copy.
 * ``"param"``: statistics of the parameter values (TensorStats). No copy.
 * ``"update"``: per layer ‖Δθ‖ and ‖Δθ‖/‖θ‖ of the optimizer step before a tracked step (PairStats of θ
-  against θ one step earlier). Keeps a copy of the parameters from the step before each tracked step.
+  against θ one step earlier). Attached to torch.optim.Adam, AdamW or SGD (and without ``split``), θ one
+  step earlier is rebuilt from the optimizer's state right after that step (:mod:`fastgradstats.optim`):
+  no copy, and the layers are the parameters the optimizer has state for. Otherwise keeps a copy of the
+  parameters from the step before each tracked step.
+* ``"optim"``: :func:`~fastgradstats.optim.optimizer_stats` of the attached optimizer (OptimizerStats: its
+  state tensors and the last update), taken right after the step before a tracked step. Needs ``attach``;
+  no copy.
 * ``"grad_cos"``: cosine (and distance) between this step's gradient and the last tracked one (PairStats).
   Keeps a copy of the gradients between tracked steps.
 * ``"init"``: distance and cosine of the weights from those at the first step (PairStats). Keeps a copy of
@@ -35,11 +41,12 @@ from .alerts import Alert, AlertConfig, AlertFlags, AlertTracker
 from .api import grad_stats, param_stats
 from .dispatch import resolve_backend
 from .hist import HistSpec
+from .optim import optimizer_stats, rebuilds_update, update_pair_stats
 from .pairs import pair_stats
 from .results import LayerStats, PairStats
 from .split import Split, split_parts
 
-TRACK_CHOICES = ("grad", "param", "update", "grad_cos", "init")
+TRACK_CHOICES = ("grad", "param", "update", "grad_cos", "init", "optim")
 
 
 @dataclass
@@ -47,7 +54,8 @@ class StepRecord:
     """What one tracked step produced: ``stats[kind]`` for each tracked kind that had data, and the alerts.
 
     stats["grad"], stats["param"]: TensorStats; stats["update"], stats["grad_cos"], stats["init"]: PairStats
-    (a = now, b = the earlier tensors). All tensors are on the model's device.
+    (a = now, b = the earlier tensors); stats["optim"]: OptimizerStats. All tensors are on the model's
+    device.
     """
 
     step: int
@@ -85,7 +93,7 @@ class Monitor:
         model: the nn.Module to watch (it must have parameters).
         every: track steps 1, 1 + every, 1 + 2·every, ... (counting calls of ``step()``).
         hist: histogram of the grad/param statistics: "log2" (default), "linear" or None.
-        track: any of "grad", "param", "update", "grad_cos", "init".
+        track: any of "grad", "param", "update", "grad_cos", "init", "optim".
         sinks: a list of objects with ``write(record)`` and ``close()`` (see :mod:`fastgradstats.sinks`).
         alerts: compute gradient alerts (needs "grad"); ``alert_config`` sets their thresholds.
         history: how many records ``monitor.history`` keeps (the oldest are dropped).
@@ -142,6 +150,8 @@ class Monitor:
         self._previous_grads: list[tuple[str, torch.Tensor]] | None = None
         self._initial_params: list[tuple[str, torch.Tensor]] | None = None
         self._warned_no_grads = False
+        self._copy_free_update = False  # set by attach() for optimizers whose update is rebuilt from state
+        self._after_step: dict[str, object] = {}  # "update", "optim": taken right after the last step
 
     def step(self) -> StepRecord | None:
         """Count a training step; on tracked steps compute, record, alert and write to the sinks.
@@ -153,8 +163,8 @@ class Monitor:
             raise RuntimeError("Monitor.step() called after close()")
         self.steps += 1
         record = self._record(self.steps) if (self.steps - 1) % self.every == 0 else None
-        if "update" in self.track and self.steps % self.every == 0:  # the next step is tracked
-            self._previous_params = self._copy_params()
+        if "update" in self.track and self.steps % self.every == 0 and not self._copy_free_update:
+            self._previous_params = self._copy_params()  # the next step is tracked
         if record is not None:
             self.history.append(record)
             for sink in self.sinks:
@@ -162,12 +172,43 @@ class Monitor:
         return record
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Monitor:
-        """Call ``step()`` from the optimizer's step pre-hook, so the training loop need not change."""
+        """Call ``step()`` from the optimizer's step pre-hook, so the training loop need not change.
+
+        With "update" or "optim" tracked, a step post-hook also reads the optimizer's state right after each
+        step that precedes a tracked step (the update of Adam, AdamW and SGD is then rebuilt, not copied).
+        """
         def before_optimizer_step(*_) -> None:
             self.step()
 
+        def after_optimizer_step(*_) -> None:
+            if self.closed or self.steps % self.every != 0:  # the next step is not tracked
+                return
+            if "optim" in self.track:
+                stats = optimizer_stats(optimizer, self.model, hist=self.hist, backend=self.backend)
+                self._after_step["optim"] = stats
+                if self._copy_free_update:
+                    self._after_step["update"] = stats.update_pairs
+            elif self._copy_free_update:
+                self._after_step["update"] = update_pair_stats(optimizer, self.model, self.backend)
+
+        self._copy_free_update = ("update" in self.track and self.split is None and rebuilds_update(optimizer)
+                                  and not self._copy_free_update_refused(optimizer))
         self._hooks.append(optimizer.register_step_pre_hook(before_optimizer_step))
+        if "update" in self.track or "optim" in self.track:
+            self._hooks.append(optimizer.register_step_post_hook(after_optimizer_step))
         return self
+
+    def _copy_free_update_refused(self, optimizer: torch.optim.Optimizer) -> bool:
+        """True when the optimizer holds a parameter the copy-free update cannot read (a DTensor, a parameter
+        outside the model, an unsupported dtype): then "update" keeps the copying path."""
+        model_parameters = set(self.model.parameters())
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p not in model_parameters or type(p) not in (torch.nn.Parameter, torch.Tensor):
+                    return True
+                if p.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                    return True
+        return False
 
     def close(self) -> None:
         """Detach from optimizers, close the sinks and drop the kept copies. Idempotent."""
@@ -177,6 +218,7 @@ class Monitor:
         for hook in self._hooks:
             hook.remove()
         self._previous_params = self._previous_grads = self._initial_params = None
+        self._after_step.clear()
         for sink in self.sinks:
             sink.close()
 
@@ -209,8 +251,13 @@ class Monitor:
         if "param" in self.track:
             record.stats["param"] = param_stats(named, **kwargs)
         params = [(name, p.detach()) for name, p in named]
-        if "update" in self.track and self._previous_params is not None:
+        after_step, self._after_step = self._after_step, {}
+        if "update" in self.track and "update" in after_step:
+            record.stats["update"] = after_step["update"]
+        elif "update" in self.track and self._previous_params is not None:
             record.stats["update"] = _pairs(params, self._previous_params, self.backend, self.split)
+        if "optim" in after_step:
+            record.stats["optim"] = after_step["optim"]
         if "init" in self.track:
             record.stats["init"] = _pairs(params, self._initial_params, self.backend, self.split)
         return record

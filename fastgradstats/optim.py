@@ -68,6 +68,7 @@ class OptimizerStats:
                  update_pairs: PairStats | None = None, update_error: Exception | None = None) -> None:
         self.states = states
         self._update, self._update_pairs, self._update_error = update, update_pairs, update_error
+        self.splits: dict[str, range] = {}  # no split layers (what sinks read of every recorded kind)
 
     def __getitem__(self, key: str) -> TensorStats:
         if key not in self.states:
@@ -463,9 +464,24 @@ def _snap_to_dtype(rule: _StepRule, after: torch.Tensor, before: torch.Tensor, f
         missed &= ~fixed
 
 
+def update_pair_stats(optimizer: torch.optim.Optimizer, model: torch.nn.Module | None,
+                      backend: str | None) -> PairStats:
+    """PairStats of (a = θ_after, b = θ_before) of the last step, rebuilt from the state (dist = ‖Δθ‖):
+    what ``Monitor(track="update")`` records without a copy. Raises as ``OptimizerStats.update`` would."""
+    plan = _update_plan(optimizer, _named_optimizer_parameters(optimizer, model))
+    return update_stats(plan, None, backend, pairs_only=True)[1]
+
+
+def rebuilds_update(optimizer: torch.optim.Optimizer) -> bool:
+    """True when the last update of ``optimizer`` can be rebuilt from its state (a supported optimizer)."""
+    return type(optimizer) in SUPPORTED_OPTIMIZERS
+
+
 def update_stats(plan: list[_LayerUpdate], spec: HistSpec | None, backend: str | None,
-                 chunk_size: int = UPDATE_CHUNK_SIZE) -> tuple[TensorStats, PairStats]:
-    """TensorStats of Δθ and PairStats of (θ_after, θ_before) of the layers of ``plan``, chunk by chunk."""
+                 chunk_size: int = UPDATE_CHUNK_SIZE, pairs_only: bool = False
+                 ) -> tuple[TensorStats | None, PairStats]:
+    """TensorStats of Δθ (None when ``pairs_only``) and PairStats of (θ_after, θ_before) of the layers of
+    ``plan``, chunk by chunk."""
     names = [layer.name for layer in plan]
     device = plan[0].param.device if plan else torch.device("cpu")
     one_pass = spec is None or spec.kind == "log2" or spec.range is not None
@@ -473,11 +489,16 @@ def update_stats(plan: list[_LayerUpdate], spec: HistSpec | None, backend: str |
     pair_rows = torch.zeros(len(plan), PAIR_K, dtype=torch.float64, device=device)
     hist = None if spec is None else torch.zeros(len(plan), spec.bins, dtype=torch.int64, device=device)
     for layer, after, before, delta in _chunk_updates(plan, chunk_size):
+        pair_rows[layer] += dispatch.pair_raw_stats([after], [before], None, backend)[0]
+        if pairs_only:
+            continue
         raw = dispatch.raw_stats([delta], spec if one_pass else None, backend)
         chunk_rows[layer].append(raw.rows[0])
         if raw.hist is not None:
             hist[layer] += raw.hist[0]
-        pair_rows[layer] += dispatch.pair_raw_stats([after], [before], None, backend)[0]
+    pairs = PairStats.from_rows(pair_rows, names)
+    if pairs_only:
+        return None, pairs
     rows = empty_rows(len(plan), device)
     for layer, layer_rows in enumerate(chunk_rows):
         if layer_rows:
@@ -489,5 +510,4 @@ def update_stats(plan: list[_LayerUpdate], spec: HistSpec | None, backend: str |
         for layer, _, _, delta in _chunk_updates(plan, chunk_size):
             hist[layer] += torch_backend._linear_counts(delta, spec, ranges[layer])
             total_hist += torch_backend._linear_counts(delta, spec, ranges[-1])
-    return (TensorStats.from_raw(RawStats(rows, hist, total_hist), names, spec),
-            PairStats.from_rows(pair_rows, names))
+    return TensorStats.from_raw(RawStats(rows, hist, total_hist), names, spec), pairs

@@ -1,6 +1,8 @@
 """optimizer_stats: statistics of the optimizer state, and of the last update rebuilt from it, against a
 copy of the parameters taken before the step."""
 
+import json
+
 import pytest
 import torch
 from conftest import NATIVE
@@ -216,3 +218,55 @@ def test_to_dict_flattens_keys_and_carries_the_update_ratio():
     assert set(data["totals"]) == {"exp_avg", "exp_avg_sq", "update"}
     assert data["layers"]["update/0.weight"]["ratio"] == pytest.approx(stats.update_ratio[0].item())
     assert data["totals"]["update"]["ratio"] == pytest.approx(stats.update_ratio_total.item())
+
+
+def attached_training(optimizer_kind, track, steps: int = 4, every: int = 2, sinks=()):
+    """A Monitor attached to an optimizer over ``steps`` steps; returns (monitor, the parameters before each
+    step, copied by the test, not the monitor)."""
+    model = make_model()
+    optimizer = optimizer_kind(model.parameters())
+    monitor = fgs.Monitor(model, every=every, track=track, sinks=list(sinks)).attach(optimizer)
+    befores = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(16, 32, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
+        befores.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        optimizer.step()
+    return monitor, befores
+
+
+def test_monitor_update_is_rebuilt_without_a_copy_for_adamw():
+    monitor, befores = attached_training(
+        lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1), track=("grad", "update"))
+    assert monitor._previous_params is None  # nothing copied
+    record = monitor.history[-1]  # step 3: the update of step 2, taken from the parameters before step 3
+    assert record.step == 3
+    before, after = befores[1], befores[2]
+    want = torch.stack([(after[n] - before[n]).norm() for n in record.stats["update"].names])
+    torch.testing.assert_close(record.stats["update"].dist, want, rtol=1e-4, atol=0)
+    torch.testing.assert_close(record.update_ratio, want / torch.stack([after[n].norm() for n in after]),
+                               rtol=1e-4, atol=0)
+
+
+def test_monitor_keeps_the_copying_update_for_other_optimizers():
+    monitor, befores = attached_training(lambda ps: torch.optim.RMSprop(ps, lr=1e-3), track=("update",))
+    record = monitor.history[-1]
+    assert monitor._previous_params is not None
+    want = torch.stack([(befores[2][n] - befores[1][n]).norm() for n in record.stats["update"].names])
+    torch.testing.assert_close(record.stats["update"].dist, want, rtol=1e-5, atol=0)
+
+
+def test_monitor_records_optimizer_stats_and_the_jsonl_sink_writes_them(tmp_path):
+    sink = fgs.sinks.JSONL(tmp_path / "stats.jsonl")
+    monitor, _ = attached_training(lambda ps: torch.optim.Adam(ps, lr=1e-3), track=("optim", "update"),
+                                   sinks=[sink])
+    monitor.close()
+    first, last = monitor.history
+    assert "optim" not in first.stats  # step 1: no step before it
+    optim_stats = last.stats["optim"]
+    assert isinstance(optim_stats, fgs.OptimizerStats) and optim_stats.keys() == ["exp_avg", "exp_avg_sq"]
+    assert last.stats["update"] is optim_stats.update_pairs  # one rebuild serves both kinds
+    lines = [json.loads(line) for line in (tmp_path / "stats.jsonl").read_text().splitlines()]
+    assert "exp_avg/0.weight" in lines[-1]["optim"]["layers"]
+    assert lines[-1]["optim"]["totals"]["update"]["ratio"] == pytest.approx(
+        optim_stats.update_ratio_total.item())
