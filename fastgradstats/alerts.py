@@ -1,19 +1,24 @@
-"""Gradient-health alerts computed on the device: flags stay tensors until someone reads them (one sync).
+"""Training-health alerts computed on the device: flags stay tensors until someone reads them (one sync).
 
-Per layer, on every tracked step: ``nonfinite`` (NaN/Inf in the gradient), ``dead`` (an all-zero gradient),
-``vanishing`` (l2 below an absolute floor, or far below the layer's own running mean), ``exploding`` (l2 far
-above its running mean). The running mean is an EMA of each layer's finite, non-zero l2, kept on the device.
+Per layer, on every tracked step, from the gradient statistics: ``nonfinite`` (NaN/Inf in the gradient),
+``dead`` (an all-zero gradient), ``vanishing`` (l2 below an absolute floor, or far below the layer's own
+running mean), ``exploding`` (l2 far above its running mean). From the update statistics
+(``Monitor(track="update")``):
+``update_spike`` (the update ratio ‖Δθ‖/‖θ‖ far above its running mean, as a learning-rate spike or a burst in
+Adam's first moment gives). Each running mean is an EMA of the layer's finite, non-zero values, kept on the
+device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .results import TensorStats
 
-KINDS = ("nonfinite", "dead", "vanishing", "exploding")
+GRAD_KINDS = ("nonfinite", "dead", "vanishing", "exploding")
+KINDS = (*GRAD_KINDS, "update_spike")
 
 
 @dataclass(frozen=True)
@@ -24,7 +29,9 @@ class AlertConfig:
     vanishing_ratio: float = 1e-3  # l2 below this fraction of the running mean is vanishing (after warmup)
     exploding_ratio: float = 10.0  # l2 above this multiple of the running mean is exploding (after warmup)
     warmup: int = 5  # tracked steps of a layer before history-based alerts can fire
-    ema_decay: float = 0.9  # weight of the past in the running mean
+    ema_decay: float = 0.9  # weight of the past in the running mean of the gradient l2
+    update_spike_ratio: float = 10.0  # update ratio above this multiple of its running mean is a spike
+    update_ema_decay: float = 0.9  # weight of the past in the running mean of the update ratio
 
 
 @dataclass(frozen=True)
@@ -40,23 +47,42 @@ class Alert:
 
 @dataclass
 class AlertFlags:
-    """Device-side outcome of one step: bool [L] per kind and the l2 / nonfinite values they refer to."""
+    """Device-side outcome of one step: bool [L] per kind and the values they refer to.
+
+    ``flags[kind]`` for the gradient kinds is over ``names`` (l2, running_mean and nonfinite too);
+    ``flags["update_spike"]``, when the update was recorded, is over ``update_names`` (update_ratio and
+    update_running_mean too).
+    """
 
     step: int
     names: list[str]
     flags: dict[str, torch.Tensor]
-    l2: torch.Tensor
-    running_mean: torch.Tensor
-    nonfinite: torch.Tensor
+    l2: torch.Tensor | None = None
+    running_mean: torch.Tensor | None = None
+    nonfinite: torch.Tensor | None = None
+    update_names: list[str] = field(default_factory=list)
+    update_ratio: torch.Tensor | None = None
+    update_running_mean: torch.Tensor | None = None
 
     def materialize(self) -> list[Alert]:
         """The alerts as Python objects (one device-to-host copy)."""
-        packed = torch.stack([self.flags[k].double() for k in KINDS] + [self.l2.double(), self.running_mean,
-                                                                       self.nonfinite.double()]).cpu()
-        flags, (l2, mean, nonfinite) = packed[: len(KINDS)].bool(), packed[len(KINDS):].tolist()
+        grad = [k for k in GRAD_KINDS if k in self.flags]
+        parts = [self.flags[k].double() for k in grad]
+        if grad:
+            parts += [self.l2.double(), self.running_mean.double(), self.nonfinite.double()]
+        spikes = "update_spike" in self.flags
+        if spikes:
+            parts += [self.flags["update_spike"].double(), self.update_ratio.double(),
+                      self.update_running_mean.double()]
+        if not parts:
+            return []
+        host = torch.cat(parts).cpu()
+        rows = len(grad) + 3
+        grad_host = host[: rows * len(self.names)].view(rows, len(self.names)) if grad else None
         alerts = []
-        for k, kind in enumerate(KINDS):
-            for i in flags[k].nonzero().flatten().tolist():
+        for k, kind in enumerate(grad):
+            l2, mean, nonfinite = grad_host[len(grad):].tolist()
+            for i in grad_host[k].bool().nonzero().flatten().tolist():
                 name = self.names[i]
                 if kind == "nonfinite":
                     value = nonfinite[i]
@@ -67,54 +93,96 @@ class AlertFlags:
                     value = l2[i]
                     text = f"gradient norm of '{name}' is {l2[i]:.3g} ({kind}; running mean {mean[i]:.3g})"
                 alerts.append(Alert(self.step, kind, name, value, text))
+        if spikes:
+            count = len(self.update_names)
+            spike, ratio, mean = host[host.numel() - 3 * count:].view(3, count)
+            ratio, mean = ratio.tolist(), mean.tolist()
+            for i in spike.bool().nonzero().flatten().tolist():
+                name = self.update_names[i]
+                text = (f"update ratio ‖Δθ‖/‖θ‖ of '{name}' is {ratio[i]:.3g}, {ratio[i] / mean[i]:.3g}× its "
+                        f"running mean {mean[i]:.3g} (update_spike)")
+                alerts.append(Alert(self.step, "update_spike", name, ratio[i], text))
         return alerts
 
 
-class AlertTracker:
-    """Keeps each layer's running mean of the gradient l2 on the device and flags every tracked step."""
+class RunningMean:
+    """Each named layer's EMA of a per-layer value on the device, and how many usable values it has seen.
 
-    def __init__(self, config: AlertConfig | None = None) -> None:
-        self.config = config or AlertConfig()
+    ``mean``: float64 [L], NaN where nothing was seen; ``seen``: int64 [L]. Layers are matched by name, so the
+    set and order of layers may change between steps (host-side indices only).
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
         self.names: list[str] = []
-        self.running_mean: torch.Tensor | None = None  # float64 [L], NaN where unknown
-        self.seen: torch.Tensor | None = None  # int64 [L], tracked steps with a finite non-zero l2
+        self.mean: torch.Tensor | None = None
+        self.seen: torch.Tensor | None = None
 
-    def update(self, step: int, stats: TensorStats) -> AlertFlags:
-        """Flags for gradient statistics ``stats``; then folds their l2 into the running means (no sync)."""
-        self._align(stats.names, stats.l2.device)
-        config = self.config
-        l2 = stats.l2.double()
-        warm = self.seen >= config.warmup
-        usable = l2.isfinite() & (l2 > 0)
-        flags = {
-            "nonfinite": stats.nonfinite > 0,
-            "dead": (stats.numel > 0) & (stats.zeros == stats.numel),
-            "vanishing": (stats.numel > 0)
-            & ((l2 < config.vanishing_floor) | (warm & (l2 < config.vanishing_ratio * self.running_mean))),
-            "exploding": warm & usable & (l2 > config.exploding_ratio * self.running_mean),
-        }
-        flags["vanishing"] &= ~flags["dead"]
-        result = AlertFlags(step, list(stats.names), flags, stats.l2, self.running_mean.clone(),
-                            stats.nonfinite)
-        first = self.running_mean.isnan()
-        blended = config.ema_decay * self.running_mean + (1 - config.ema_decay) * l2
-        self.running_mean = torch.where(usable, torch.where(first, l2, blended), self.running_mean)
+    def fold(self, names: list[str], values: torch.Tensor, usable: torch.Tensor) -> None:
+        """Blend the ``usable`` entries of ``values`` (float64 [L], over ``names``) into the means."""
+        self.align(names, values.device)
+        first = self.mean.isnan()
+        blended = self.decay * self.mean + (1 - self.decay) * values
+        self.mean = torch.where(usable, torch.where(first, values, blended), self.mean)
         self.seen = self.seen + usable.long()
-        return result
 
-    def _align(self, names: list[str], device: torch.device) -> None:
-        """Carry the state of layers that were seen before over to the order of ``names``
-        (host-side indices)."""
-        if names == self.names and self.running_mean is not None:
+    def align(self, names: list[str], device: torch.device) -> None:
+        """Carry the state of layers that were seen before over to the order of ``names``."""
+        if names == self.names and self.mean is not None:
             return
         mean = torch.full((len(names),), float("nan"), dtype=torch.float64, device=device)
         seen = torch.zeros(len(names), dtype=torch.int64, device=device)
-        if self.running_mean is not None:
+        if self.mean is not None:
             old = {name: i for i, name in enumerate(self.names)}
             pairs = [(i, old[name]) for i, name in enumerate(names) if name in old]
             if pairs:
                 new_index = torch.tensor([i for i, _ in pairs], device=device)
                 old_index = torch.tensor([j for _, j in pairs], device=device)
-                mean[new_index] = self.running_mean[old_index]
+                mean[new_index] = self.mean[old_index]
                 seen[new_index] = self.seen[old_index]
-        self.names, self.running_mean, self.seen = list(names), mean, seen
+        self.names, self.mean, self.seen = list(names), mean, seen
+
+
+class AlertTracker:
+    """Keeps each layer's running mean of the gradient l2 and of the update ratio on the device and flags
+    every tracked step."""
+
+    def __init__(self, config: AlertConfig | None = None) -> None:
+        self.config = config or AlertConfig()
+        self.grad_l2 = RunningMean(self.config.ema_decay)
+        self.update_ratio = RunningMean(self.config.update_ema_decay)
+
+    def update(self, step: int, stats: TensorStats) -> AlertFlags:
+        """Flags for gradient statistics ``stats``; then folds their l2 into the running means (no sync)."""
+        history = self.grad_l2
+        history.align(stats.names, stats.l2.device)
+        config = self.config
+        l2 = stats.l2.double()
+        warm = history.seen >= config.warmup
+        usable = l2.isfinite() & (l2 > 0)
+        flags = {
+            "nonfinite": stats.nonfinite > 0,
+            "dead": (stats.numel > 0) & (stats.zeros == stats.numel),
+            "vanishing": (stats.numel > 0)
+            & ((l2 < config.vanishing_floor) | (warm & (l2 < config.vanishing_ratio * history.mean))),
+            "exploding": warm & usable & (l2 > config.exploding_ratio * history.mean),
+        }
+        flags["vanishing"] &= ~flags["dead"]
+        result = AlertFlags(step, list(stats.names), flags, stats.l2, history.mean.clone(), stats.nonfinite)
+        history.fold(stats.names, l2, usable)
+        return result
+
+    def update_spikes(self, flags: AlertFlags, names: list[str], ratio: torch.Tensor) -> AlertFlags:
+        """Add ``update_spike`` to ``flags``: the layers whose update ratio ``ratio`` ([L] over ``names``,
+        ‖Δθ‖/‖θ‖) exceeds ``update_spike_ratio`` × its running mean after ``warmup`` updates; then fold the
+        ratios into the running means (no sync). Returns ``flags``."""
+        history = self.update_ratio
+        history.align(names, ratio.device)
+        ratio = ratio.double()
+        usable = ratio.isfinite() & (ratio > 0)
+        warm = history.seen >= self.config.warmup
+        flags.flags["update_spike"] = warm & usable & (ratio > self.config.update_spike_ratio * history.mean)
+        flags.update_names, flags.update_ratio = list(names), ratio
+        flags.update_running_mean = history.mean.clone()
+        history.fold(names, ratio, usable)
+        return flags

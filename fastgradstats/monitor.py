@@ -22,6 +22,9 @@ What ``track`` can hold, and the memory each choice keeps (besides the statistic
 * ``"init"``: distance and cosine of the weights from those at the first step (PairStats). Keeps a copy of
   the initial parameters.
 
+Alerts (``alerts=True``): the gradient alerts on "grad" and ``update_spike`` (a layer's ‖Δθ‖/‖θ‖ far above its
+running mean, see :mod:`fastgradstats.alerts`) on "update", either path.
+
 Statistics stay on the device; alerts are device-side flags until read, so a step syncs with the host only
 when a sink writes it or the caller reads ``record.alerts``.
 """
@@ -95,7 +98,8 @@ class Monitor:
         hist: histogram of the grad/param statistics: "log2" (default), "linear" or None.
         track: any of "grad", "param", "update", "grad_cos", "init", "optim".
         sinks: a list of objects with ``write(record)`` and ``close()`` (see :mod:`fastgradstats.sinks`).
-        alerts: compute gradient alerts (needs "grad"); ``alert_config`` sets their thresholds.
+        alerts: compute the alerts: the gradient alerts need "grad", ``update_spike`` needs "update";
+            ``alert_config`` sets their thresholds.
         history: how many records ``monitor.history`` keeps (the oldest are dropped).
         backend: statistics backend, as in ``tensor_stats``.
         split: statistics per slice (MoE experts, heads) of every tracked kind, as in ``tensor_stats``:
@@ -141,7 +145,8 @@ class Monitor:
                 raise TypeError(f"Monitor: a sink needs write(record) and close() methods, got {sink!r}")
         self.model, self.every, self.hist, self.track, self.backend = model, every, hist, track, backend
         self.split = split
-        self.alert_tracker = AlertTracker(alert_config) if alerts and "grad" in track else None
+        watched = "grad" in track or "update" in track
+        self.alert_tracker = AlertTracker(alert_config) if alerts and watched else None
         self.history: collections.deque[StepRecord] = collections.deque(maxlen=history)
         self.steps = 0
         self.closed = False
@@ -256,6 +261,10 @@ class Monitor:
             record.stats["update"] = after_step["update"]
         elif "update" in self.track and self._previous_params is not None:
             record.stats["update"] = _pairs(params, self._previous_params, self.backend, self.split)
+        if "update" in record.stats and self.alert_tracker is not None:
+            flags = record.alert_flags or AlertFlags(step, [], {})
+            record.alert_flags = self.alert_tracker.update_spikes(flags, record.stats["update"].names,
+                                                                  record.update_ratio)
         if "optim" in after_step:
             record.stats["optim"] = after_step["optim"]
         if "init" in self.track:

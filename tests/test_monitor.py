@@ -235,3 +235,67 @@ def test_a_single_sink_instead_of_a_list_is_rejected_with_a_hint(tmp_path):
 def test_model_without_parameters_is_rejected():
     with pytest.raises(ValueError, match="no parameters"):
         fgs.Monitor(torch.nn.ReLU())
+
+
+def train_with(optimizer_type, spiked_group: int | None, steps: int = 12, spike_step: int = 9) -> list:
+    """A 3-layer model, one param group per Linear, trained by ``optimizer_type`` with the Monitor attached
+    (track grad and update); at ``spike_step`` the lr of ``spiked_group`` (all groups for -1, none for None)
+    is ×30 for that one step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
+                                torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    groups = [{"params": model[i].parameters()} for i in (0, 2, 4)]
+    optimizer = optimizer_type(groups, lr=1e-3)
+    monitor = fgs.Monitor(model, track=("grad", "update"), alert_config=AlertConfig(warmup=3))
+    monitor.attach(optimizer)
+    for step in range(1, steps + 1):
+        backward(model, seed=step)
+        spiked = []
+        if step == spike_step and spiked_group is not None:
+            spiked = optimizer.param_groups if spiked_group == -1 else [optimizer.param_groups[spiked_group]]
+        for group in spiked:
+            group["lr"] *= 30
+        optimizer.step()
+        for group in spiked:
+            group["lr"] /= 30
+    monitor.close()
+    return list(monitor.history)
+
+
+@pytest.mark.parametrize("optimizer_type", [torch.optim.Adam, torch.optim.Adamax],
+                         ids=["copy-free", "copying"])
+@pytest.mark.parametrize("spiked_group, layers", [(1, ["2.weight", "2.bias"]),
+                                                  (-1, ["0.weight", "0.bias", "2.weight", "2.bias",
+                                                        "4.weight", "4.bias"])])
+def test_update_spike_alert_names_the_layers_whose_lr_spiked(optimizer_type, spiked_group, layers):
+    records = train_with(optimizer_type, spiked_group)
+    spikes = {r.step: sorted(a.layer for a in r.alerts if a.kind == "update_spike") for r in records}
+    assert spikes[10] == sorted(layers)  # record 10 holds the update of optimizer step 9
+    assert not any(found for step, found in spikes.items() if step != 10)
+    alert = next(a for a in records[9].alerts if a.kind == "update_spike")
+    assert alert.value == pytest.approx(records[9].update_ratio[records[9].stats["update"].names.index(
+        alert.layer)].item())
+    assert f"'{alert.layer}'" in alert.message and "running mean" in alert.message
+
+
+@pytest.mark.parametrize("optimizer_type", [torch.optim.Adam, torch.optim.Adamax],
+                         ids=["copy-free", "copying"])
+def test_no_update_spike_without_the_lr_spike(optimizer_type):
+    records = train_with(optimizer_type, spiked_group=None)
+    assert [a for r in records for a in r.alerts if a.kind == "update_spike"] == []
+
+
+def test_update_spike_alert_works_without_grad_and_stays_on_the_device():
+    torch.manual_seed(0)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    monitor = fgs.Monitor(model, track="update", alert_config=AlertConfig(warmup=2)).attach(optimizer)
+    for step in range(1, 8):
+        backward(model, seed=step)
+        optimizer.param_groups[0]["lr"] = 1.0 if step == 6 else 0.01
+        optimizer.step()
+    record = monitor.history[-1]
+    assert isinstance(record.alert_flags.flags["update_spike"], torch.Tensor)
+    assert "alerts" not in record.__dict__
+    assert {a.kind for a in record.alerts} == {"update_spike"}
+    assert {a.layer for a in record.alerts} == {"0.weight", "0.bias", "2.weight", "2.bias"}

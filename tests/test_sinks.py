@@ -122,7 +122,7 @@ def test_scalars_cover_every_tracked_kind_and_field():
     names = [name for name, _ in make_model().named_parameters()]
     expected = {f"{kind}/{field}/{layer}" for kind, fields in SCALAR_FIELDS.items() for field in fields
                 for layer in [*names, "total"]}
-    expected |= {f"alerts/{kind}" for kind in ("nonfinite", "dead", "vanishing", "exploding")}
+    expected |= {f"alerts/{kind}" for kind in ("nonfinite", "dead", "vanishing", "exploding", "update_spike")}
     assert set(scalars(record)) == expected
 
 
