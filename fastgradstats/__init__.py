@@ -9,6 +9,7 @@ from . import plots, sinks
 from .alerts import Alert, AlertConfig
 from .api import grad_stats, param_stats, tensor_stats
 from .clip import clip_grad_norm_
+from .gns import GradientNoiseScale, NoiseScale
 from .monitor import Monitor, StepRecord
 from .optim import OptimizerStats, optimizer_stats
 from .pairs import cosine_similarity, pair_stats
@@ -20,7 +21,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Alert",
     "AlertConfig",
+    "GradientNoiseScale",
     "Monitor",
+    "NoiseScale",
     "OptimizerStats",
     "PairStats",
     "StepRecord",

@@ -1,0 +1,222 @@
+"""Gradient noise scale B_simple = tr(Σ)/|G|² from gradient accumulation (McCandlish et al. 2018, "An
+Empirical Model of Large-Batch Training", appendix A.1).
+
+With micro-batches of b examples accumulated into a step of B = k·b examples, the squared norm of a
+mean gradient over n examples has expectation E|G_n|² = |G|² + tr(Σ)/n, where G is the true gradient and Σ
+the covariance of the per-example gradients. Two batch sizes give two equations and the unbiased estimators
+
+    |G|²_est  = (B·|G_B|² − b·|G_b|²) / (B − b)
+    tr(Σ)_est = (|G_b|² − |G_B|²) / (1/b − 1/B)
+
+with |G_B|² the squared norm of the accumulated (mean) gradient and |G_b|² the mean over the k micro-batches
+of their own gradients' squared norms. Both are linear in the squared norms, so they are computed per layer
+and summed for the global values.
+
+Micro-batch i's own gradient is k·(A_i − A_{i−1}), A_i the accumulated ``.grad`` after its backward (each
+micro-batch loss divided by k, as HF Trainer and Lightning do). ‖A_i − A_{i−1}‖² is ``pair_stats(A_i,
+A_{i−1}).dist²``, read without forming the difference; A_{i−1} is one kept copy of the gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .api import tensor_stats
+from .pairs import pair_stats
+
+
+@dataclass
+class NoiseScale:
+    """The estimate after one ``GradientNoiseScale.step()``. All fields are float32 tensors on the gradients'
+    device (0-d, or [L] for ``layer_*``, L = len(names)); reading them is the only host sync.
+
+    Fields:
+        b_simple: EMA(tr(Σ)) / EMA(|G|²), global (ratio of the two EMAs below; inf or negative while
+            the |G|² EMA is not yet positive, NaN for 0/0).
+        g2, trace: bias-corrected EMAs of the |G|² and tr(Σ) estimators, global.
+        g2_step, trace_step: this step's unbiased estimates, before averaging (noisy; |G|² may be < 0).
+        layer_b_simple, layer_g2, layer_trace: the same per layer (a layer that never had a grad has 0 and
+            a NaN B_simple).
+        names: the layer names (parameters that require grad).
+        step: how many steps have been averaged, this one included.
+    """
+
+    b_simple: torch.Tensor
+    g2: torch.Tensor
+    trace: torch.Tensor
+    g2_step: torch.Tensor
+    trace_step: torch.Tensor
+    layer_b_simple: torch.Tensor
+    layer_g2: torch.Tensor
+    layer_trace: torch.Tensor
+    names: list[str]
+    step: int
+
+
+class GradientNoiseScale:
+    """The simple gradient noise scale B_simple = tr(Σ)/|G|² of a model trained with gradient accumulation.
+
+    Args:
+        model: the model (its parameters with ``requires_grad`` are the layers, named by
+            ``named_parameters()``; frozen ones are left out).
+        batch_size: b, the examples per micro-batch. A step of k micro-batches has B = k·b examples.
+        ema: decay β of the exponential moving averages (default 0.95, about 40 steps of memory: the
+            effective number of averaged steps is (1 + β)/(1 − β) = 39). Both estimators are averaged
+            separately, bias-corrected as in Adam, and B_simple is the ratio of the two averages — not an
+            average of per-step ratios: a single step's |G|² estimate is noisy, often near zero or
+            negative when B is well below B_simple, so per-step ratios are heavy-tailed and biased
+            (E[X/Y] ≠ E[X]/E[Y]), while the ratio of the averages converges to tr(Σ)/|G|².
+        backend: passed to ``pair_stats`` / ``tensor_stats``.
+
+    Convention: each micro-batch loss is divided by the number of micro-batches k, so the accumulated
+    ``.grad`` is the mean gradient over B examples; gradients are zeroed (or set to None) before the first
+    micro-batch of each step. Call ``micro_step()`` after each micro-batch's backward and ``step()`` after
+    the last ``micro_step()`` (it uses the norms recorded there, so gradient clipping in between does not
+    change the estimate). k may change from step to step; k = 1 (B = b) leaves the estimators undefined.
+
+    Memory: one copy of the gradients (A_{i−1}, in their dtype) for the parameters that get one, kept
+    between steps, plus a few [L] float32 accumulators. No host sync: the sums stay device tensors.
+
+    Noise: a step's |G|² estimate has a spread of the order of tr(Σ)/B, so when B ≪ B_simple single steps
+    are dominated by noise; the EMA averages about (1 + β)/(1 − β) steps. The README gives measured
+    accuracies. A parameter whose grad is None in a micro-step contributes a zero gradient to it. Non-finite
+    gradients make the EMAs non-finite from then on: skip ``step()`` on steps an AMP GradScaler skips.
+
+    Not covered: DDP and FSDP2 with ``no_sync`` / deferred gradient sync, where accumulated gradients are
+    local until the last micro-batch (a ``DistributedDataParallel`` model is refused). The per-rank form
+    (local vs all-reduced gradients as the two batch sizes, no copy) is future work (issue 16).
+
+    Example::
+
+        gns = fgs.GradientNoiseScale(model, batch_size=8)
+        for step in range(steps):
+            optimizer.zero_grad()
+            for x, y in micro_batches:                 # k micro-batches of 8 examples
+                (loss_fn(model(x), y) / k).backward()
+                gns.micro_step()
+            estimate = gns.step()
+            optimizer.step()
+            estimate.b_simple                          # 0-d tensor on the device
+    """
+
+    def __init__(self, model: torch.nn.Module, batch_size: int, ema: float = 0.95,
+                 backend: str | None = None) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"GradientNoiseScale: model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            raise NotImplementedError(
+                "GradientNoiseScale: DistributedDataParallel accumulates local gradients under no_sync() and "
+                "all-reduces only at the last micro-batch, which breaks the micro-batch differences; the "
+                "per-rank form (local vs global gradients) is future work (issue 16)"
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError("GradientNoiseScale: batch_size must be an int >= 1 (examples per "
+                             f"micro-batch), got {batch_size!r}")
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"GradientNoiseScale: ema must be in [0, 1), got {ema!r}")
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("GradientNoiseScale: the model has no parameter that requires grad")
+        self.names = [name for name, _ in named]
+        self.batch_size = batch_size
+        self.ema = ema
+        self.backend = backend
+        self._params = [p for _, p in named]
+        self._previous: list[torch.Tensor | None] = [None] * len(named)
+        self._seen = [False] * len(named)
+        self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._micro_steps = 0
+        self._steps = 0
+        self._diff_sq: torch.Tensor | None = None   # [L] Σ_i ‖A_i − A_{i−1}‖² over this step's micro-steps
+        self._now_sq: torch.Tensor | None = None    # [L] ‖A_i‖² at the latest micro-step
+        self._ema_g2: torch.Tensor | None = None    # [L] uncorrected EMAs
+        self._ema_trace: torch.Tensor | None = None
+
+    def micro_step(self) -> None:
+        """Record the gradient of the micro-batch just backpropagated; call after each backward."""
+        seen, new = [], []
+        for i, p in enumerate(self._params):
+            if p.grad is None:
+                if self._seen[i]:
+                    raise RuntimeError(
+                        f"GradientNoiseScale.micro_step: the grad of '{self.names[i]}' was cleared between "
+                        "micro-steps; zero the gradients only before the first micro-batch of a step")
+                continue
+            (seen if self._seen[i] else new).append(i)
+        if not seen and not new:
+            raise RuntimeError("GradientNoiseScale.micro_step: no parameter has a .grad; call it after "
+                               "each micro-batch's backward()")
+        if self._diff_sq is None:
+            device = self._params[(seen + new)[0]].grad.device
+            self._diff_sq = torch.zeros(len(self._params), dtype=torch.float32, device=device)
+            self._now_sq = torch.zeros_like(self._diff_sq)
+        if seen:
+            pairs = pair_stats([self._params[i].grad for i in seen], [self._previous[i] for i in seen],
+                               [self.names[i] for i in seen], backend=self.backend)
+            index = self._index(seen)
+            self._diff_sq.index_add_(0, index, pairs.dist.square())
+            self._now_sq.index_copy_(0, index, pairs.a_l2.square())
+        if new:
+            stats = tensor_stats([self._params[i].grad for i in new], [self.names[i] for i in new],
+                                 backend=self.backend)
+            index = self._index(new)
+            self._diff_sq.index_add_(0, index, stats.l2.square())
+            self._now_sq.index_copy_(0, index, stats.l2.square())
+        for i in seen + new:
+            grad = self._params[i].grad.detach()
+            if self._previous[i] is None or self._previous[i].shape != grad.shape:
+                self._previous[i] = grad.clone()
+            else:
+                self._previous[i].copy_(grad)
+            self._seen[i] = True
+        self._micro_steps += 1
+
+    def step(self) -> NoiseScale:
+        """Close the step: this step's estimates, the EMAs updated and B_simple. Call after the last
+        ``micro_step()`` of the step (before or after ``optimizer.step()``)."""
+        k = self._micro_steps
+        if k == 0:
+            raise RuntimeError("GradientNoiseScale.step: no micro_step() since the last step(); call "
+                               "micro_step() after each micro-batch's backward, then step()")
+        if k == 1:
+            self._reset_step()
+            raise ValueError(
+                "GradientNoiseScale.step: only 1 micro-batch in this step, so B == b and the estimators "
+                "(B|G_B|² − b|G_b|²)/(B − b) and (|G_b|² − |G_B|²)/(1/b − 1/B) are undefined; accumulate "
+                "at least 2 micro-batches per step")
+        small = k * self._diff_sq     # |G_b|²: mean over micro-batches of ‖k·(A_i − A_{i−1})‖²
+        large = self._now_sq          # |G_B|²
+        layer_g2_step = (k * large - small) / (k - 1)
+        layer_trace_step = (small - large) * (self.batch_size * k / (k - 1))
+        if self._ema_g2 is None:
+            self._ema_g2 = torch.zeros_like(layer_g2_step)
+            self._ema_trace = torch.zeros_like(layer_trace_step)
+        self._ema_g2.mul_(self.ema).add_(layer_g2_step, alpha=1 - self.ema)
+        self._ema_trace.mul_(self.ema).add_(layer_trace_step, alpha=1 - self.ema)
+        self._steps += 1
+        correction = 1 - self.ema ** self._steps
+        layer_g2 = self._ema_g2 / correction
+        layer_trace = self._ema_trace / correction
+        g2, trace = layer_g2.sum(), layer_trace.sum()
+        self._reset_step()
+        return NoiseScale(
+            b_simple=trace / g2, g2=g2, trace=trace,
+            g2_step=layer_g2_step.sum(), trace_step=layer_trace_step.sum(),
+            layer_b_simple=layer_trace / layer_g2, layer_g2=layer_g2, layer_trace=layer_trace,
+            names=list(self.names), step=self._steps,
+        )
+
+    def _reset_step(self) -> None:
+        self._micro_steps = 0
+        self._seen = [False] * len(self._params)
+        self._diff_sq.zero_()
+        self._now_sq.zero_()
+
+    def _index(self, positions: list[int]) -> torch.Tensor:
+        """Device index of these layer positions, cached so that steady-state steps copy nothing to it."""
+        key = tuple(positions)
+        if key not in self._index_cache:
+            self._index_cache[key] = torch.tensor(positions, dtype=torch.long, device=self._diff_sq.device)
+        return self._index_cache[key]
