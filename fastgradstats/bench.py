@@ -11,6 +11,7 @@ file. On CUDA, times come from CUDA events around each call.
 
     fastgradstats bench                                  # gpt2-small on the CPU; all workloads on CUDA
     fastgradstats bench --workload 7b --family pair --repeats 50
+    fastgradstats bench --family optim --workload gpt2-small --workload params-1gb   # opt-in: see optim_bench
     bench.run(["1b"], dtypes=[torch.float32])            # a workload's shapes in another dtype
 """
 
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 import fastgradstats as fgs
 from fastgradstats.dispatch import resolve_backend
 
+from . import optim_bench
 from .launches import count_launches
 from .workloads import DEFAULT_WORKLOADS, GRADIENT_SCALE, WORKLOADS, Workload
 
@@ -126,7 +128,10 @@ FAMILIES: dict[str, tuple[str, ...]] = {  # family -> its baselines
     "pair": ("cat-cosine", "cosine-loop"),
     "trajectory": ("flatten-gram",),
     "per-expert": ("slice-loop", "foreach-slices"),
+    optim_bench.OPTIM_FAMILY: optim_bench.CANDIDATES[1:],  # time and extra peak memory: see optim_bench
 }
+OPT_IN_FAMILIES = (optim_bench.OPTIM_FAMILY,)  # run only when asked for (a subprocess per candidate)
+DEFAULT_FAMILIES = tuple(family for family in FAMILIES if family not in OPT_IN_FAMILIES)
 STACKED_FAMILIES = ("per-expert",)  # run only on workloads that have stacked (3-D) tensors
 LISTS_READ = {"pair": 2, "trajectory": TRAJECTORY_CHECKPOINTS}  # lists of the workload read per call
 OURS, FLOOR = "ours", "read-floor"
@@ -164,6 +169,7 @@ class Row:
     launch_ops: dict[str, int] = field(default_factory=dict)  # those launches by op or kernel name
     host_syncs: int | None = None  # on CUDA: synchronizing CUDA calls per call
     error: str | None = None
+    extra_peak_bytes: int | None = None  # optim family: peak memory above the training state (optim_bench)
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
@@ -310,6 +316,27 @@ def bench_workload(
     return [row for family in families for row in family_rows(workload, family, a, b, timings, backend)]
 
 
+def optim_rows(workload: Workload, device: torch.device, repeats: int, warmup: int) -> list[Row]:
+    """Rows of the optim family: ours (with its speedups), then the copy-based and the Composer-style way,
+    each measured in its own subprocess (:mod:`fastgradstats.optim_bench`). ``bytes``: the parameters and
+    AdamW's two moments, what ours reads."""
+    num_bytes = 3 * workload.num_bytes
+    rows = []
+    for candidate in optim_bench.CANDIDATES:
+        measured = optim_bench.measure_in_subprocess(candidate, workload, device, repeats, warmup)
+        ms = measured.get("ms")
+        name = OURS if candidate == "ours" else candidate
+        rows.append(Row(workload.name, optim_bench.OPTIM_FAMILY, name, ms, num_bytes,
+                        gb_per_s=None if ms is None else num_bytes / ms / 1e6, floor_fraction=None,
+                        error=measured.get("error"), extra_peak_bytes=measured.get("extra_peak_bytes")))
+    our_row = rows[0]
+    for baseline in rows[1:]:
+        our_row.baseline_ms[baseline.candidate] = baseline.ms
+        if baseline.ms is not None and our_row.ms is not None:
+            our_row.speedups[baseline.candidate] = baseline.ms / our_row.ms
+    return rows
+
+
 def environment(device: torch.device, backend: str | None) -> dict[str, str]:
     """What a result depends on besides the workload: date, commit, device, versions and the backend used."""
     try:
@@ -364,7 +391,7 @@ def format_table(workload: Workload, rows: Sequence[Row], env: dict[str, str], r
          f"{_dtype_name(workload.dtype)} ({workload.num_bytes / 1e6:,.1f} MB per list) on {env['device']}, "
          f"backend {env['backend']}, median of {repeats}"),
         (f"{'family':<12} {'candidate':<13} {'ms':>10} {'GB/s':>8} {'of floor':>9} {'ours ×':>9} "
-         f"{'launches':>9} {'syncs':>6}"),
+         f"{'launches':>9} {'syncs':>6} {'extra MB':>9}"),
     ]
     ours_by_family = {row.family: row for row in rows if row.candidate == OURS}
     previous_family = None
@@ -380,9 +407,10 @@ def format_table(workload: Workload, rows: Sequence[Row], env: dict[str, str], r
             _cell(speedup, ".3g", "x"),
             _cell(row.launches, "d"),
             _cell(row.host_syncs, "d"),
+            _cell(None if row.extra_peak_bytes is None else row.extra_peak_bytes / 1e6, ",.1f"),
         ]
         line = f"{cells[0]:<12} {cells[1]:<13} {cells[2]:>10} {cells[3]:>8} {cells[4]:>9} {cells[5]:>9} " \
-               f"{cells[6]:>9} {cells[7]:>6}"
+               f"{cells[6]:>9} {cells[7]:>6} {cells[8]:>9}"
         lines.append(line.rstrip() + (f"  {row.error}" if row.error else ""))
         previous_family = row.family
     return "\n".join(lines)
@@ -409,10 +437,12 @@ def run(
 ) -> list[Row]:
     """Benchmark ``workloads`` × ``families``, print a table per workload and append the rows to ``results``.
 
-    Defaults: every family; on CUDA (the default device when available) gpt2-small, 1b, 7b and many-small with
-    20 repeats after 3 warm-up calls, on the CPU gpt2-small with 5 repeats after 1; each workload in its own
-    dtype, or in each of ``dtypes``. A workload that needs more than the free memory (2 lists, plus 2 per list
-    a family reads) is skipped. ``results=None`` saves nothing.
+    Defaults: every family but the opt-in ``optim`` (time and extra peak memory of optimizer_stats, a
+    subprocess per candidate: :mod:`fastgradstats.optim_bench`); on CUDA (the default device when
+    available) gpt2-small, 1b, 7b and many-small with 20 repeats after 3 warm-up calls, on the CPU gpt2-small
+    with 5 repeats after 1; each workload in its own dtype, or in each of ``dtypes``. A workload that needs
+    more than the free memory (2 lists, plus 2 per list a family reads; 6 for optim) is skipped.
+    ``results=None`` saves nothing.
 
     Example::
 
@@ -423,7 +453,8 @@ def run(
     on_cuda = device.type == "cuda"
     if on_cuda and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    families = list(families or FAMILIES)
+    families = list(families or DEFAULT_FAMILIES)
+    tensor_families = [family for family in families if family not in OPT_IN_FAMILIES]
     repeats = repeats or (20 if on_cuda else 5)
     warmup = warmup if warmup is not None else (3 if on_cuda else 1)
     env = environment(device, backend)
@@ -434,11 +465,16 @@ def run(
         chosen = [dataclasses.replace(workload, dtype=dtype) for workload in chosen for dtype in dtypes]
     for workload in chosen:
         needed = workload.num_bytes * (2 + max([LISTS_READ.get(f, 0) for f in families]) * 2)
+        if optim_bench.OPTIM_FAMILY in families:
+            needed = max(needed, 6 * workload.num_bytes)  # parameters, gradients, 2 moments, a copy, slack
         free = free_bytes(device)
         if free is not None and needed > free:
             print(f"{workload.name}: skipped, needs about {needed / 1e9:.1f} GB, {free / 1e9:.1f} GB free\n")
             continue
-        workload_rows = bench_workload(workload, families, device, backend, repeats, warmup)
+        workload_rows = (bench_workload(workload, tensor_families, device, backend, repeats, warmup)
+                         if tensor_families else [])
+        if optim_bench.OPTIM_FAMILY in families:
+            workload_rows += optim_rows(workload, device, repeats, warmup)
         print(format_table(workload, workload_rows, env, repeats), end="\n\n", flush=True)
         if results is not None:
             save_rows(workload_rows, env, results, dtype=_dtype_name(workload.dtype),

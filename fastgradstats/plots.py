@@ -1,10 +1,11 @@
-"""Plots of gradient statistics: per-layer gradient flow, log2 histograms over steps, norms over steps, and
-per-part (MoE expert) statistics of a split layer over steps.
+"""Plots of gradient statistics: per-layer gradient flow, log2 histograms over steps, norms over steps, the
+update-to-weight ratio over steps, and per-part (MoE expert) statistics of a split layer over steps.
 
     from fastgradstats import plots
     fig = plots.gradient_flow(fgs.grad_stats(model), path="flow.png")
     fig = plots.log2_heatmap(monitor.history, "blocks.0.attn.w_q.weight", path="w_q.png")
     fig = plots.norms_over_time(monitor.history, path="norms.png")
+    fig = plots.update_ratio_over_time(monitor.history, path="update_ratio.png")
     fig = plots.split_heatmap(monitor.history, "layers.0.experts.w1", path="experts.png")
 
 Each function returns a ``matplotlib.figure.Figure`` drawn on the non-interactive Agg canvas (pyplot's global
@@ -223,15 +224,63 @@ def norms_over_time(
         values[t, columns], present[t, columns] = _host(getattr(stats, field)), True
         totals[t] = _host(getattr(_total(stats), field))[0]
 
+    return _lines_over_steps(steps, names, values, present, totals, layers, field in NONNEGATIVE_FIELDS,
+                             f"stats[{kind!r}]", field, f"{kind} {field}", "norms_over_time", path)
+
+
+def update_ratio_over_time(
+    records: Sequence[StepRecord],
+    layers: Sequence[str] | str | None = None,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """Lines of the update-to-weight ratio ‖Δθ‖/‖θ‖ per layer (``record.update_ratio``) over the recorded
+    steps, with the ratio over all layers (black, dashed), on a log axis; steps where the ``update_spike``
+    alert fired for a plotted layer get a red triangle on its line.
+
+    ``records``: StepRecords of a Monitor tracking "update" (records without it are skipped). ``layers``:
+    names to plot; by default all, or the 8 with the largest last ratio when there are more. Raises
+    ValueError for no records or an unknown layer.
+
+    Example::
+
+        monitor = fgs.Monitor(model, track=("grad", "update")).attach(optimizer)
+        ...
+        plots.update_ratio_over_time(monitor.history, path="update_ratio.png")
+    """
+    records = [records] if isinstance(records, StepRecord) else list(records)
+    steps, all_stats = _stats_over_steps(records, "update", "update_ratio_over_time", records_only=True)
+    updated = [record for record in records if "update" in record.stats]
+    names = list(dict.fromkeys(name for stats in all_stats for name in stats.names))
+    column = {name: j for j, name in enumerate(names)}
+    values = np.full((len(steps), len(names)), np.nan)
+    present = np.zeros(values.shape, dtype=bool)
+    totals = np.empty(len(steps))
+    spikes = []  # (step index, column) of update_spike alerts
+    for t, (record, stats) in enumerate(zip(updated, all_stats)):
+        columns = [column[name] for name in stats.names]
+        values[t, columns], present[t, columns] = _host(record.update_ratio), True
+        totals[t] = _host(stats.total.dist / stats.total.a_l2)[0]
+        if record.alert_flags is not None and "update_spike" in record.alert_flags.flags:
+            spikes += [(t, column[alert.layer]) for alert in record.alerts if alert.kind == "update_spike"]
+    return _lines_over_steps(steps, names, values, present, totals, layers, True, "stats['update']",
+                             "‖Δθ‖/‖θ‖", "update ratio ‖Δθ‖/‖θ‖", "update_ratio_over_time", path, spikes)
+
+
+def _lines_over_steps(
+    steps: list[int], names: list[str], values: np.ndarray, present: np.ndarray, totals: np.ndarray,
+    layers: Sequence[str] | str | None, log_axis: bool, source: str, ylabel: str, title: str, caller: str,
+    path: str | os.PathLike | None, spikes: Sequence[tuple[int, int]] = (),
+) -> Figure:
+    """One line per chosen layer (values [steps, layers], present where recorded) and the total; NaN/Inf steps
+    marked with red x at the top, ``spikes`` ((step index, column) pairs) with red triangles on the lines."""
     if layers is None:
         chosen = _largest_last(values, present, names, MAX_DEFAULT_LINES)
     else:
         chosen = [layers] if isinstance(layers, str) else list(layers)
-        unknown = [name for name in chosen if name not in column]
+        unknown = [name for name in chosen if name not in names]
         if unknown:
-            raise ValueError(f"norms_over_time: unknown layer(s) {unknown} in stats[{kind!r}]; "
-                             f"known: {_some(names)}")
-    log_axis = field in NONNEGATIVE_FIELDS
+            raise ValueError(f"{caller}: unknown layer(s) {unknown} in {source}; known: {_some(names)}")
+    column = {name: j for j, name in enumerate(names)}
 
     _require_matplotlib()
     fig, ax = _figure((10, 5))
@@ -250,6 +299,12 @@ def norms_over_time(
         ax.plot(x, shown, label=label, **style)
     if log_axis:
         _set_log_limits(ax, np.concatenate([y for _, y, _, _ in lines]))
+    shown_columns = {column[name] for name in chosen}
+    marked = [(t, j) for t, j in spikes
+              if j in shown_columns and np.isfinite(values[t, j]) and values[t, j] > 0]
+    if marked:
+        ax.scatter(x[[t for t, _ in marked]], [values[t, j] for t, j in marked], marker="^", s=60,
+                   color=NONFINITE_COLOR, zorder=6, label="update_spike")
     bad_x = np.array(sorted(bad_steps))
     if bad_x.size:
         ax.scatter(bad_x, np.full(bad_x.size, 0.97), marker="x", s=50, color=NONFINITE_COLOR, zorder=5,
@@ -259,10 +314,10 @@ def norms_over_time(
     ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
     ax.grid(alpha=0.3)
     ax.set_xlabel("step")
-    ax.set_ylabel(f"{field}" + (" (log scale)" if log_axis else ""))
+    ax.set_ylabel(ylabel + (" (log scale)" if log_axis else ""))
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     shown = _layers(len(names)) if len(chosen) == len(names) else f"{len(chosen)} of {_layers(len(names))}"
-    ax.set_title(f"{kind} {field} over steps ({shown} and the total)")
+    ax.set_title(f"{title} over steps ({shown} and the total)")
     return _finish(fig, path)
 
 

@@ -7,8 +7,10 @@ A sink is any object with ``write(record)`` and ``close()``; Monitor calls ``wri
 ``close`` from ``Monitor.close()``. Writing a record syncs with the device once per tracked kind.
 
 TensorBoard and Weights & Biases get the same flat scalar names, ``{kind}/{field}/{layer}`` and
-``{kind}/{field}/total``, with the fields of :data:`SCALAR_FIELDS`; ``alerts/{kind}`` counts the alerts of
-each kind (when alerts are tracked); histograms are ``{kind}/hist/{layer}`` and ``{kind}/hist/total``.
+``{kind}/{field}/total``, with the fields of :data:`SCALAR_FIELDS` (the update ratio per layer is
+``update/ratio/{layer}``); ``optim/{field}/{key}/{layer}`` for optimizer statistics
+(:data:`OPTIM_SCALAR_FIELDS`); ``alerts/{kind}`` counts the alerts of each kind (``update_spike`` included)
+when alerts are tracked; histograms are ``{kind}/hist/{layer}`` and ``{kind}/hist/total``.
 
 Split layers (``split=``, MoE experts) with more than ``summarize_splits`` parts (default 16; True: every
 split layer, False: none) are written as their :meth:`~fastgradstats.results.LayerStats.split_summary`
@@ -46,6 +48,10 @@ SCALAR_FIELDS: dict[str, tuple[str, ...]] = {
     "init": ("cos", "dist"),
 }
 """The per-layer and total fields each tracked kind contributes as scalars (``ratio`` is ‖Δθ‖ / ‖θ‖)."""
+OPTIM_SCALAR_FIELDS = ("l2", "linf", "ratio")
+"""The fields of ``record.stats["optim"]`` (OptimizerStats) written as ``optim/{field}/{key}/{layer}`` and
+``optim/{field}/{key}/total`` for each state key and ``update`` (``ratio``: the update's
+‖Δθ‖ / ‖θ_before‖)."""
 
 
 class JSONL:
@@ -236,9 +242,23 @@ def scalars(record: StepRecord, data: dict | None = None, summarize_splits: bool
                 values[f"{kind}/{field}/{layer}"] = stats[field]
         for layer, summary in data[kind].get("splits", {}).items():
             values.update(_summary_scalars(f"{kind}/{summary['field']}/{layer}", summary))
+    if "optim" in data:
+        values.update(_optim_scalars(data["optim"]))
     if record.alert_flags is not None:
         kinds = [alert["kind"] for alert in data["alerts"]]
         values.update({f"alerts/{kind}": kinds.count(kind) for kind in ALERT_KINDS})
+    return values
+
+
+def _optim_scalars(optim: dict) -> dict[str, float]:
+    """``optim/{field}/{key}/{layer}`` and ``optim/{field}/{key}/total`` of an OptimizerStats' ``to_dict()``
+    (its layers are named ``{key}/{layer}``)."""
+    values = {}
+    entries = [*optim["layers"].items(), *((f"{key}/total", total) for key, total in optim["totals"].items())]
+    for name, stats in entries:
+        key, layer = name.split("/", 1)
+        values.update({f"optim/{field}/{key}/{layer}": stats[field] for field in OPTIM_SCALAR_FIELDS
+                       if field in stats})
     return values
 
 

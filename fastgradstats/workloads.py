@@ -73,5 +73,8 @@ WORKLOADS: dict[str, Workload] = {
     # 64 experts of DeepSeek-MoE-16B's shape (dim 2048, expert ffn 1408), 2 layers; and a CPU-sized version
     "moe-64": Workload("moe-64", moe_shapes(64, 2048, 1408, 2), torch.bfloat16),
     "moe-64-small": Workload("moe-64-small", moe_shapes(64, 128, 96, 2)),
+    # parameter lists for the optim family's memory criterion: 1.007 GB and 67 MB of float32
+    "params-1gb": Workload("params-1gb", ((4096, 4096),) * 15),
+    "params-64mb": Workload("params-64mb", ((2048, 2048),) * 4),
 }
 DEFAULT_WORKLOADS = {"cpu": ("gpt2-small",), "cuda": ("gpt2-small", "1b", "7b", "many-small")}

@@ -2,6 +2,7 @@
 
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -260,3 +261,45 @@ def test_split_heatmap_bad_name_or_field_raises(records):
         plots.split_heatmap(experts, "experts", field="l3")
     with pytest.raises(KeyError, match="no split layer"):
         plots.split_heatmap(records, "0.weight")
+
+
+def spiked_update_records(steps=10, spike_step=7):
+    """A Monitor tracking grad and update, attached to Adam, whose lr is ×30 at optimizer step
+    ``spike_step``."""
+    model = tiny_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monitor = fgs.Monitor(model, track=("grad", "update"), alert_config=fgs.AlertConfig(warmup=3))
+    monitor.attach(optimizer)
+    for step in range(1, steps + 1):
+        optimizer.zero_grad()
+        model(torch.randn(8, 3)).square().mean().backward()
+        optimizer.param_groups[0]["lr"] = 3e-2 if step == spike_step else 1e-3
+        optimizer.step()
+    monitor.close()
+    return list(monitor.history)
+
+
+def test_update_ratio_over_time_plots_each_layers_ratio_and_marks_spikes(tmp_path):
+    records = spiked_update_records()
+    fig = plots.update_ratio_over_time(records, path=tmp_path / "ratio.png")
+    assert_png(tmp_path / "ratio.png")
+    ax = fig.axes[0]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    updated = [r for r in records if r.update_ratio is not None]
+    names = updated[0].stats["update"].names
+    assert set(lines) == {*names, "total"}
+    assert list(lines[names[0]].get_xdata()) == [r.step for r in updated]
+    np.testing.assert_allclose(lines[names[0]].get_ydata(), [r.update_ratio[0].item() for r in updated])
+    total = [(r.stats["update"].total.dist / r.stats["update"].total.a_l2).item() for r in updated]
+    np.testing.assert_allclose(lines["total"].get_ydata(), total)
+    assert ax.get_yscale() == "log"
+    assert "update_spike" in legend_labels(fig)
+    spikes = [r.step for r in records if any(a.kind == "update_spike" for a in r.alerts)]
+    assert spikes == [8]
+
+
+def test_update_ratio_over_time_without_update_or_with_an_unknown_layer_raises(records):
+    with pytest.raises(ValueError, match=r"no record has stats\['update'\]"):
+        plots.update_ratio_over_time(records)
+    with pytest.raises(ValueError, match="unknown layer"):
+        plots.update_ratio_over_time(spiked_update_records(steps=3), layers="nope")

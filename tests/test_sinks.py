@@ -330,3 +330,28 @@ def test_sinks_reject_a_bad_summary_threshold_or_k(tmp_path, make_sink):
         make_sink(tmp_path, summarize_splits="many")
     with pytest.raises(ValueError, match="k must be"):
         make_sink(tmp_path, k=0)
+
+
+def test_scalars_carry_the_update_ratio_spike_alerts_and_optimizer_statistics():
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    monitor = fgs.Monitor(model, track=("grad", "update", "optim"),
+                          alert_config=fgs.AlertConfig(warmup=2)).attach(optimizer)
+    for step in range(1, 6):
+        model.zero_grad()
+        model(torch.randn(16, 4, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
+        optimizer.param_groups[0]["lr"] = 0.1 if step == 4 else 1e-3
+        optimizer.step()
+    monitor.close()
+    record = monitor.history[-1]
+    values = scalars(record)
+    optim = record.stats["optim"]
+    names = optim.update.names
+    assert values["alerts/update_spike"] == len(names)
+    assert values["update/ratio/0.weight"] == pytest.approx(record.update_ratio[0].item())
+    assert values["optim/ratio/update/0.weight"] == pytest.approx(optim.update_ratio[0].item())
+    assert values["optim/ratio/update/total"] == pytest.approx(optim.update_ratio_total.item())
+    bias = names.index("2.bias")
+    assert values["optim/l2/exp_avg/2.bias"] == pytest.approx(optim["exp_avg"].l2[bias].item())
+    assert values["optim/linf/exp_avg_sq/total"] == pytest.approx(optim["exp_avg_sq"].total.linf.item())
+    assert not any(key.startswith("optim/ratio/exp_avg") for key in values)
