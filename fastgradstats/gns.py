@@ -54,6 +54,21 @@ class NoiseScale:
     names: list[str]
     step: int
 
+    def to_dict(self) -> dict:
+        """Plain Python floats, copied to the host at once (one sync): ``{"b_simple", "g2", "trace",
+        "g2_step", "trace_step", "layers": {name: {"b_simple", "g2", "trace"}}}``. Non-finite values stay
+        ``nan`` / ``inf`` (JSON writes them as ``NaN`` / ``Infinity``)."""
+        scalars = torch.stack([self.b_simple, self.g2, self.trace, self.g2_step, self.trace_step])
+        values = torch.cat([scalars.float(), self.layer_b_simple.float(), self.layer_g2.float(),
+                            self.layer_trace.float()]).tolist()
+        b_simple, g2, trace, g2_step, trace_step = values[:5]
+        count = len(self.names)
+        layer_b_simple, layer_g2, layer_trace = (values[5 + i * count:5 + (i + 1) * count] for i in range(3))
+        layers = {name: {"b_simple": layer_b_simple[i], "g2": layer_g2[i], "trace": layer_trace[i]}
+                  for i, name in enumerate(self.names)}
+        return {"b_simple": b_simple, "g2": g2, "trace": trace, "g2_step": g2_step, "trace_step": trace_step,
+                "layers": layers}
+
 
 class GradientNoiseScale:
     """The simple gradient noise scale B_simple = tr(Σ)/|G|² of a model trained with gradient accumulation.

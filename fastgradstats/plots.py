@@ -1,11 +1,13 @@
 """Plots of gradient statistics: per-layer gradient flow, log2 histograms over steps, norms over steps, the
-update-to-weight ratio over steps, and per-part (MoE expert) statistics of a split layer over steps.
+update-to-weight ratio over steps, the gradient noise scale over steps, and per-part (MoE expert) statistics
+of a split layer over steps.
 
     from fastgradstats import plots
     fig = plots.gradient_flow(fgs.grad_stats(model), path="flow.png")
     fig = plots.log2_heatmap(monitor.history, "blocks.0.attn.w_q.weight", path="w_q.png")
     fig = plots.norms_over_time(monitor.history, path="norms.png")
     fig = plots.update_ratio_over_time(monitor.history, path="update_ratio.png")
+    fig = plots.noise_scale_over_time(estimates, path="gns.png")   # GradientNoiseScale.step() results
     fig = plots.split_heatmap(monitor.history, "layers.0.experts.w1", path="experts.png")
 
 Each function returns a ``matplotlib.figure.Figure`` drawn on the non-interactive Agg canvas (pyplot's global
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .gns import NoiseScale
 from .monitor import StepRecord
 from .results import LayerStats, TensorStats
 
@@ -264,6 +267,71 @@ def update_ratio_over_time(
             spikes += [(t, column[alert.layer]) for alert in record.alerts if alert.kind == "update_spike"]
     return _lines_over_steps(steps, names, values, present, totals, layers, True, "stats['update']",
                              "‖Δθ‖/‖θ‖", "update ratio ‖Δθ‖/‖θ‖", "update_ratio_over_time", path, spikes)
+
+
+def noise_scale_over_time(
+    estimates: Sequence[NoiseScale] | NoiseScale,
+    steps: Sequence[int] | None = None,
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """The gradient noise scale B_simple over steps: the EMA estimate (``estimate.b_simple``, a line) and each
+    step's raw estimate tr(Σ)_step / |G|²_step (``trace_step / g2_step``, faint points), on a log axis.
+
+    ``estimates``: the ``GradientNoiseScale.step()`` results to plot, in order. ``steps``: their x values;
+    by default ``estimate.step`` (the count of steps the GradientNoiseScale has averaged). Values that are
+    not finite and positive cannot be drawn on the log axis and are left out, counted in the title: a raw
+    estimate whose |G|²_step ≤ 0 (common when B ≪ B_simple) or an EMA whose |G|² average is not yet positive.
+    All values are copied to the host at once. Raises ValueError for no estimates or a ``steps`` of another
+    length.
+
+    Example::
+
+        estimates = []
+        for step in range(steps):
+            ...                                    # micro-batches with gns.micro_step()
+            estimates.append(gns.step())
+        plots.noise_scale_over_time(estimates, path="gns.png")
+    """
+    estimates = [estimates] if isinstance(estimates, NoiseScale) else list(estimates)
+    if not estimates:
+        raise ValueError("noise_scale_over_time: no estimates to plot (empty sequence)")
+    wrong = [type(e).__name__ for e in estimates if not isinstance(e, NoiseScale)]
+    if wrong:
+        raise TypeError(f"noise_scale_over_time: expected NoiseScale (GradientNoiseScale.step() results), "
+                        f"got {_some(sorted(set(wrong)))}")
+    x = np.asarray([e.step for e in estimates] if steps is None else list(steps))
+    if x.shape != (len(estimates),):
+        raise ValueError(f"noise_scale_over_time: {x.size} steps for {len(estimates)} estimates")
+    rows = [torch.stack([e.b_simple, e.trace_step, e.g2_step]).float() for e in estimates]
+    values = _host(torch.stack(rows)).reshape(len(estimates), 3)
+    ema = values[:, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        raw = values[:, 1] / values[:, 2]
+    ema_shown, raw_shown = np.isfinite(ema) & (ema > 0), np.isfinite(raw) & (raw > 0)
+
+    _require_matplotlib()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = _figure((10, 5))
+    ax.set_yscale("log")
+    ax.scatter(x[raw_shown], raw[raw_shown], s=12, color="tab:blue", alpha=0.35, linewidths=0, zorder=2,
+               label="per step: tr(Σ)_step / |G|²_step")
+    ax.plot(x, np.where(ema_shown, ema, np.nan), color="tab:blue", lw=2, zorder=3,
+            marker="o" if len(estimates) <= 30 else None, ms=3, label="B_simple: EMA(tr Σ) / EMA(|G|²)")
+    _set_log_limits(ax, np.concatenate([ema[ema_shown], raw[raw_shown]]))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    ax.grid(alpha=0.3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("B_simple (examples, log scale)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    title = f"gradient noise scale B_simple over steps (last {_format(float(ema[-1]))})"
+    notes = []
+    if (~raw_shown).any():
+        notes.append(f"{int((~raw_shown).sum())} per-step estimates ≤ 0 or not finite left out")
+    if (~ema_shown).any():
+        notes.append(f"{int((~ema_shown).sum())} EMA values ≤ 0 or not finite left out")
+    ax.set_title(title + ("\n" + ", ".join(notes) if notes else ""))
+    return _finish(fig, path)
 
 
 def _lines_over_steps(

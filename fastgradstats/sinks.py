@@ -19,6 +19,11 @@ histograms) and ``{kind}/{field}/{layer}/...`` carries the summary, ranked by ``
 ``dist`` (update, grad_cos, init): ``cv``, ``dead``, ``nonfinite``, ``smallest/{i}`` and ``largest/{i}``
 (the i-th smallest / largest value, i < k) with ``smallest/{i}/part`` and ``largest/{i}/part`` (that part's
 index: the part is ``{layer}[{index}]``). JSONL writes the same summaries under ``{kind}["splits"]``.
+
+Gradient noise scale estimates (``GradientNoiseScale.step()`` results) go to the same sinks with
+:func:`log_noise_scale`: JSONL writes ``{"step": s, "gns": estimate.to_dict()}`` as one line, TensorBoard and
+Weights & Biases the scalars ``gns/{field}`` (b_simple, g2, trace, g2_step, trace_step) and
+``gns/{field}/{layer}`` (b_simple, g2, trace), see :func:`noise_scale_scalars`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from .results import SUMMARIZE_SPLITS, splits_to_summarize
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
+    from .gns import NoiseScale
     from .monitor import StepRecord
 
 INSTALL_HINT = 'pip install "fastgradstats[all]"'
@@ -52,6 +58,9 @@ OPTIM_SCALAR_FIELDS = ("l2", "linf", "ratio")
 """The fields of ``record.stats["optim"]`` (OptimizerStats) written as ``optim/{field}/{key}/{layer}`` and
 ``optim/{field}/{key}/total`` for each state key and ``update`` (``ratio``: the update's
 ‖Δθ‖ / ‖θ_before‖)."""
+NOISE_SCALE_FIELDS = ("b_simple", "g2", "trace", "g2_step", "trace_step")
+"""The global fields of a NoiseScale written as ``gns/{field}``; the per-layer b_simple, g2 and trace are
+``gns/{field}/{layer}``."""
 
 
 class JSONL:
@@ -88,6 +97,19 @@ class JSONL:
         if self.closed:
             raise RuntimeError(f"JSONL sink: write() after close() ({self.path})")
         data = _summarize_splits(record.to_dict(), record, self.summarize_splits, self.k)
+        self._write_line(data)
+
+    def write_noise_scale(self, step: int, estimate: NoiseScale, layers: bool = True) -> None:
+        """Append ``{"step": step, "gns": estimate.to_dict()}`` as one line (one sync); without ``layers``
+        the per-layer dict is left out."""
+        if self.closed:
+            raise RuntimeError(f"JSONL sink: write_noise_scale() after close() ({self.path})")
+        data = estimate.to_dict()
+        if not layers:
+            del data["layers"]
+        self._write_line({"step": step, "gns": data})
+
+    def _write_line(self, data: dict) -> None:
         line = json.dumps(data) + "\n"
         try:
             self._file.write(line)
@@ -162,6 +184,13 @@ class TensorBoard:
                 global_step=record.step,
             )
 
+    def write_noise_scale(self, step: int, estimate: NoiseScale, layers: bool = True) -> None:
+        """Add :func:`noise_scale_scalars` of ``estimate`` at ``global_step=step`` (one sync)."""
+        if self.closed:
+            raise RuntimeError("TensorBoard sink: write_noise_scale() after close()")
+        for tag, value in noise_scale_scalars(estimate, layers).items():
+            self.writer.add_scalar(tag, value, global_step=step)
+
     def close(self) -> None:
         """Close the writer this sink created, or flush the one it was given. Idempotent."""
         if self.closed:
@@ -214,6 +243,13 @@ class Wandb:
             payload[hist.tag] = self._histogram(np_histogram=(hist.counts, hist.edges))
         self.run.log(payload, step=record.step)
 
+    def write_noise_scale(self, step: int, estimate: NoiseScale, layers: bool = True) -> None:
+        """Log :func:`noise_scale_scalars` of ``estimate`` at ``step`` (one sync; the row is left open like
+        ``write``'s, so a Monitor record of the same step joins it)."""
+        if self.closed:
+            raise RuntimeError("Wandb sink: write_noise_scale() after close()")
+        self.run.log(noise_scale_scalars(estimate, layers), step=step)
+
     def close(self) -> None:
         """Stop writing; the run stays open for its owner to finish."""
         self.closed = True
@@ -247,6 +283,43 @@ def scalars(record: StepRecord, data: dict | None = None, summarize_splits: bool
     if record.alert_flags is not None:
         kinds = [alert["kind"] for alert in data["alerts"]]
         values.update({f"alerts/{kind}": kinds.count(kind) for kind in ALERT_KINDS})
+    return values
+
+
+def log_noise_scale(sinks: Any, step: int, estimate: NoiseScale, layers: bool = True) -> None:
+    """Write a gradient noise scale estimate (``GradientNoiseScale.step()``'s result) to one sink or a list of
+    them at ``step``: JSONL appends ``{"step": step, "gns": estimate.to_dict()}`` as one line, TensorBoard and
+    Wandb log :func:`noise_scale_scalars` (``layers``: with the per-layer values). Any sink with a
+    ``write_noise_scale(step, estimate, layers)`` method is accepted; TypeError names one without it (before
+    anything is written). Syncs once per sink.
+
+        sinks = [fgs.sinks.JSONL("runs/gns.jsonl"), fgs.sinks.TensorBoard("runs/tb")]
+        fgs.sinks.log_noise_scale(sinks, step, gns.step())  # TensorBoard tags gns/b_simple, gns/g2, ...
+    """
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"log_noise_scale: step must be an int, got {step!r}")
+    sinks = list(sinks) if isinstance(sinks, (list, tuple)) else [sinks]
+    for sink in sinks:
+        if not callable(getattr(sink, "write_noise_scale", None)):
+            raise TypeError(f"log_noise_scale: {type(sink).__name__} has no write_noise_scale(step, "
+                            "estimate, layers); use JSONL, TensorBoard or Wandb, or give your sink one")
+    for sink in sinks:
+        sink.write_noise_scale(step, estimate, layers)
+
+
+def noise_scale_scalars(estimate: NoiseScale, layers: bool = True,
+                        data: dict | None = None) -> dict[str, float]:
+    """The flat scalars of a NoiseScale that TensorBoard and Wandb log (syncs unless ``data``, its
+    ``to_dict()``, is given): ``gns/{field}`` for :data:`NOISE_SCALE_FIELDS` and, with ``layers``,
+    ``gns/{field}/{layer}`` for b_simple, g2 and trace.
+
+        noise_scale_scalars(gns.step())["gns/b_simple"]  # the EMA noise scale
+    """
+    data = estimate.to_dict() if data is None else data
+    values = {f"gns/{field}": data[field] for field in NOISE_SCALE_FIELDS}
+    if layers:
+        for layer, fields in data["layers"].items():
+            values.update({f"gns/{field}/{layer}": value for field, value in fields.items()})
     return values
 
 

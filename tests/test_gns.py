@@ -207,3 +207,22 @@ def test_distributed_data_parallel_is_refused_as_future_work():
 
     with pytest.raises(NotImplementedError, match="per-rank form"):
         fgs.GradientNoiseScale(FakeDDP(), batch_size=4)
+
+
+def test_to_dict_holds_the_same_values_as_plain_floats():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    gns = fgs.GradientNoiseScale(model, batch_size=4)
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, generator=generator), torch.randn(4, generator=generator))
+               for _ in range(3)]
+    estimate = _accumulate(model, gns, batches, _squared_error)
+    data = estimate.to_dict()
+    assert set(data) == {"b_simple", "g2", "trace", "g2_step", "trace_step", "layers"}
+    for field in ("b_simple", "g2", "trace", "g2_step", "trace_step"):
+        assert type(data[field]) is float
+        assert data[field] == getattr(estimate, field).item()
+    assert list(data["layers"]) == gns.names
+    for i, name in enumerate(gns.names):
+        assert data["layers"][name] == {"b_simple": estimate.layer_b_simple[i].item(),
+                                        "g2": estimate.layer_g2[i].item(),
+                                        "trace": estimate.layer_trace[i].item()}

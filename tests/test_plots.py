@@ -303,3 +303,61 @@ def test_update_ratio_over_time_without_update_or_with_an_unknown_layer_raises(r
         plots.update_ratio_over_time(records)
     with pytest.raises(ValueError, match="unknown layer"):
         plots.update_ratio_over_time(spiked_update_records(steps=3), layers="nope")
+
+
+def noise_scale_estimates(steps=12):
+    """GradientNoiseScale.step() results of a small linear regression (b = 4, k = 3)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    gns = fgs.GradientNoiseScale(model, batch_size=4)
+    estimates = []
+    for _ in range(steps):
+        model.zero_grad()
+        for _ in range(3):
+            x = torch.randn(4, 4)
+            ((model(x).squeeze(-1) - x[:, 0]).pow(2).mean() / 3).backward()
+            gns.micro_step()
+        estimates.append(gns.step())
+    return estimates
+
+
+def test_noise_scale_over_time_plots_the_estimates_and_saves_png(tmp_path):
+    estimates = noise_scale_estimates()
+    fig = plots.noise_scale_over_time(estimates, path=tmp_path / "gns.png")
+    assert isinstance(fig, Figure) and isinstance(fig.canvas, FigureCanvasAgg)
+    assert_png(tmp_path / "gns.png")
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    [line] = ax.lines
+    ema = np.array([e.b_simple.item() for e in estimates])
+    assert np.array_equal(line.get_xdata(), [e.step for e in estimates])
+    np.testing.assert_array_equal(line.get_ydata(), np.where(ema > 0, ema, np.nan))
+    raw = np.array([e.trace_step.item() / e.g2_step.item() for e in estimates])
+    kept = raw > 0
+    [points] = ax.collections
+    np.testing.assert_allclose(points.get_offsets(), np.column_stack([np.arange(1, 13)[kept], raw[kept]]),
+                               rtol=1e-6)
+    assert points.get_alpha() < 0.5  # faint
+
+
+def test_noise_scale_over_time_leaves_out_nonpositive_values_and_takes_steps():
+    import dataclasses
+
+    estimates = noise_scale_estimates(3)
+    estimates[1] = dataclasses.replace(estimates[1], g2_step=torch.tensor(-1.0),
+                                       b_simple=torch.tensor(float("inf")))
+    fig = plots.noise_scale_over_time(estimates, steps=[10, 20, 30])
+    ax = fig.axes[0]
+    assert list(ax.lines[0].get_xdata()) == [10, 20, 30]
+    assert np.isnan(ax.lines[0].get_ydata()[1])
+    assert list(ax.collections[0].get_offsets()[:, 0]) == [10, 30]
+    assert "1 per-step estimates" in ax.get_title() and "1 EMA values" in ax.get_title()
+
+
+def test_noise_scale_over_time_bad_inputs_raise(records):
+    with pytest.raises(ValueError, match="no estimates"):
+        plots.noise_scale_over_time([])
+    with pytest.raises(ValueError, match="2 steps for 3 estimates"):
+        plots.noise_scale_over_time(noise_scale_estimates(3), steps=[1, 2])
+    with pytest.raises(TypeError, match="StepRecord"):
+        plots.noise_scale_over_time(records)

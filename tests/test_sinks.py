@@ -355,3 +355,82 @@ def test_scalars_carry_the_update_ratio_spike_alerts_and_optimizer_statistics():
     assert values["optim/l2/exp_avg/2.bias"] == pytest.approx(optim["exp_avg"].l2[bias].item())
     assert values["optim/linf/exp_avg_sq/total"] == pytest.approx(optim["exp_avg_sq"].total.linf.item())
     assert not any(key.startswith("optim/ratio/exp_avg") for key in values)
+
+
+# Gradient noise scale
+
+
+def noise_scale_estimates(steps: int = 3) -> list:
+    """GradientNoiseScale.step() results on the tiny model (b = 4, k = 2)."""
+    model = make_model()
+    gns = fgs.GradientNoiseScale(model, batch_size=4)
+    estimates = []
+    for step in range(steps):
+        generator = torch.Generator().manual_seed(step)
+        model.zero_grad()
+        for _ in range(2):
+            (model(torch.randn(4, 4, generator=generator)).pow(2).mean() / 2).backward()
+            gns.micro_step()
+        estimates.append(gns.step())
+    return estimates
+
+
+def test_log_noise_scale_jsonl_and_tensorboard_read_back_the_same_numbers(tmp_path):
+    estimates = noise_scale_estimates()
+    path = tmp_path / "gns.jsonl"
+    sinks = [fgs.sinks.JSONL(path), fgs.sinks.TensorBoard(tmp_path / "tb")]
+    for step, estimate in enumerate(estimates, start=1):
+        fgs.sinks.log_noise_scale(sinks, step * 10, estimate)
+    for sink in sinks:
+        sink.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert lines == [{"step": step * 10, "gns": estimate.to_dict()}
+                     for step, estimate in enumerate(estimates, start=1)]
+    events = read_events(tmp_path / "tb")
+    names = [name for name, _ in make_model().named_parameters()]
+    assert set(events.Tags()["scalars"]) == ({f"gns/{field}" for field in fgs.sinks.NOISE_SCALE_FIELDS}
+                                             | {f"gns/{field}/{name}" for field in ("b_simple", "g2", "trace")
+                                                for name in names})
+    for tag, key in {"gns/b_simple": "b_simple", "gns/g2": "g2", "gns/trace": "trace",
+                     "gns/trace_step": "trace_step"}.items():
+        logged = [(event.step, event.value) for event in events.Scalars(tag)]
+        assert logged == [(line["step"], line["gns"][key]) for line in lines]
+    logged = [event.value for event in events.Scalars("gns/b_simple/0.weight")]
+    assert logged == [line["gns"]["layers"]["0.weight"]["b_simple"] for line in lines]
+
+
+def test_log_noise_scale_without_layers_and_to_a_single_sink(tmp_path):
+    [estimate] = noise_scale_estimates(1)
+    path = tmp_path / "gns.jsonl"
+    sink = fgs.sinks.JSONL(path)
+    fgs.sinks.log_noise_scale(sink, 3, estimate, layers=False)
+    sink.close()
+    data = estimate.to_dict()
+    del data["layers"]
+    assert json.loads(path.read_text()) == {"step": 3, "gns": data}
+    assert set(fgs.sinks.noise_scale_scalars(estimate, layers=False)) == {
+        f"gns/{field}" for field in fgs.sinks.NOISE_SCALE_FIELDS}
+
+
+def test_log_noise_scale_wandb_logs_the_scalars(tmp_path, wandb_offline):
+    [estimate] = noise_scale_estimates(1)
+    run = wandb_offline.init(mode="offline", dir=tmp_path, project="fastgradstats-tests")
+    try:
+        fgs.sinks.log_noise_scale([fgs.sinks.Wandb()], 5, estimate)
+        run.log({"done": 1}, step=6)
+        assert run.summary["gns/b_simple"] == pytest.approx(estimate.b_simple.item())
+        assert run.summary["gns/g2/2.bias"] == pytest.approx(estimate.layer_g2[3].item())
+    finally:
+        run.finish()
+
+
+def test_log_noise_scale_refuses_a_sink_without_the_method_and_writes_nothing(tmp_path):
+    [estimate] = noise_scale_estimates(1)
+    path = tmp_path / "gns.jsonl"
+    sink = fgs.sinks.JSONL(path)
+    with pytest.raises(TypeError, match="object has no write_noise_scale"):
+        fgs.sinks.log_noise_scale([sink, object()], 1, estimate)
+    sink.close()
+    assert path.read_text() == ""
+    with pytest.raises(RuntimeError, match="after close"):
+        fgs.sinks.log_noise_scale(sink, 1, estimate)
