@@ -280,8 +280,118 @@ def expert_fsdp_mesh_scenario(rank: int) -> None:
     assert_split_stats(sharded, full, names, split, backends=("native", "triton"), hists=("log2", "linear"))
 
 
+def _gns_reference(model, batches, b, world, ema_state, ema=0.95):
+    """Single-process reference for the per-rank form: per layer, |G_b|² the mean over the ranks' batches of
+    their own mean gradient's squared norm, |G_B|² that of the full batch's mean gradient (float64); this
+    step's estimators and the bias-corrected EMAs (ema_state: [g2, trace, steps], updated)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(x, y):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        return [g.double() for g in torch.autograd.grad(loss, params)]
+
+    per_rank = [grads(x, y) for x, y in batches]
+    full = grads(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+    small = torch.stack([torch.stack([g.square().sum() for g in rank]) for rank in per_rank]).mean(0)
+    large = torch.stack([g.square().sum() for g in full])
+    g2_step = (world * large - small) / (world - 1)
+    trace_step = (small - large) * (b * world / (world - 1))
+    ema_state[0] = ema * ema_state[0] + (1 - ema) * g2_step
+    ema_state[1] = ema * ema_state[1] + (1 - ema) * trace_step
+    ema_state[2] += 1
+    correction = 1 - ema ** ema_state[2]
+    layer_g2, layer_trace = ema_state[0] / correction, ema_state[1] / correction
+    return {"small": small.sum(), "large": large.sum(), "g2_step": g2_step.sum(),
+            "trace_step": trace_step.sum(), "layer_g2": layer_g2, "layer_trace": layer_trace,
+            "b_simple": layer_trace.sum() / layer_g2.sum()}
+
+
+def _close(got, want, rtol=1e-5) -> None:
+    got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
+    assert torch.allclose(got, want, rtol=rtol, atol=1e-12), (got, want)
+
+
+def gns_ddp_scenario(rank: int) -> None:
+    """GradientNoiseScale's per-rank form on DDP: each rank's local batch of b examples is a small batch, the
+    all-reduced gradient the large one (B = W·b); the estimates equal a single-process reference from the same
+    per-rank batches and are identical on every rank, with one all-reduce per step()."""
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    reference = copy.deepcopy(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    b, steps = 3, 4
+    gns = fgs.GradientNoiseScale(ddp, batch_size=b)
+    assert gns.names == [name for name, _ in reference.named_parameters()]
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(6)  # the same batches on every rank
+    ema_state = [0.0, 0.0, 0]
+    for _ in range(steps):
+        x, y = torch.randn(WORLD * b, 4, generator=generator), torch.randn(WORLD * b, 2, generator=generator)
+        batches = list(zip(x.split(b), y.split(b)))
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(ddp(batches[rank][0]), batches[rank][1]).backward()
+        with CountingAllReduce() as counter:
+            estimate = gns.step()
+        assert counter.calls == 1
+        want = _gns_reference(reference, batches, b, WORLD, ema_state)
+        # |G_b|² and |G_B|² back from the estimators: E|G_n|² = |G|² + tr(Σ)/n inverted exactly.
+        _close(estimate.g2_step.double() + estimate.trace_step.double() / b, want["small"])
+        _close(estimate.g2_step.double() + estimate.trace_step.double() / (WORLD * b), want["large"])
+        for field in ("g2_step", "trace_step", "layer_g2", "layer_trace", "b_simple"):
+            _close(getattr(estimate, field), want[field])
+        assert estimate.step == ema_state[2]
+        gathered = [None] * WORLD
+        dist.all_gather_object(gathered, estimate.to_dict())
+        assert all(values == gathered[0] for values in gathered)  # bit-identical on every rank
+        reference_optimizer.zero_grad()
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        reference_optimizer.step()
+        optimizer.step()
+
+    with pytest.raises(RuntimeError, match="not used with a DistributedDataParallel"):
+        gns.micro_step()
+    with pytest.raises(RuntimeError, match="no gradient was all-reduced"):
+        gns.step()
+    optimizer.zero_grad()
+    for _ in range(2):  # accumulation without no_sync(): all-reduced twice
+        ddp(batches[rank][0]).pow(2).mean().backward()
+    with pytest.raises(RuntimeError, match="more than once"):
+        gns.step()
+
+    # Accumulation: k micro-batches per rank, all but the last under no_sync(); b = k·(micro-batch size).
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    reference = copy.deepcopy(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    k, micro = 2, 3
+    gns = fgs.GradientNoiseScale(ddp, batch_size=k * micro)
+    ema_state = [0.0, 0.0, 0]
+    for _ in range(2):
+        x = torch.randn(WORLD * k * micro, 4, generator=generator)
+        y = torch.randn(WORLD * k * micro, 2, generator=generator)
+        batches = list(zip(x.split(k * micro), y.split(k * micro)))
+        ddp.zero_grad()
+        local_x, local_y = batches[rank]
+        with ddp.no_sync():
+            (torch.nn.functional.mse_loss(ddp(local_x[:micro]), local_y[:micro]) / k).backward()
+        (torch.nn.functional.mse_loss(ddp(local_x[micro:]), local_y[micro:]) / k).backward()
+        estimate = gns.step()
+        want = _gns_reference(reference, batches, k * micro, WORLD, ema_state)
+        for field in ("g2_step", "trace_step", "layer_g2", "layer_trace", "b_simple"):
+            _close(getattr(estimate, field), want[field])
+
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    hooked = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 1))
+    hooked.register_comm_hook(None, allreduce_hook)
+    with pytest.raises(ValueError, match="already has a communication hook"):
+        fgs.GradientNoiseScale(hooked, batch_size=4)
+
+
 SCENARIOS = {"fsdp2": fsdp2_scenario, "dtensor": dtensor_scenario, "2d-mesh": two_dim_mesh_scenario,
-             "ep": expert_parallel_scenario, "ep-fsdp": expert_fsdp_mesh_scenario}
+             "ep": expert_parallel_scenario, "ep-fsdp": expert_fsdp_mesh_scenario,
+             "gns-ddp": gns_ddp_scenario}
 
 
 def test_fsdp2_statistics_equal_the_unsharded_model():
@@ -302,3 +412,7 @@ def test_expert_parallel_split_gives_each_expert_once():
 
 def test_expert_parallel_by_fsdp_mesh_split_gives_each_expert_once():
     spawn("ep-fsdp", world=4)
+
+
+def test_gradient_noise_scale_per_rank_form_under_ddp_equals_the_single_process_reference():
+    spawn("gns-ddp")

@@ -200,15 +200,6 @@ def test_frozen_and_unused_parameters_are_skipped():
     torch.testing.assert_close(with_unused.b_simple, used_only.b_simple)
 
 
-def test_distributed_data_parallel_is_refused_as_future_work():
-    class FakeDDP(torch.nn.parallel.DistributedDataParallel):
-        def __init__(self):
-            torch.nn.Module.__init__(self)
-
-    with pytest.raises(NotImplementedError, match="per-rank form"):
-        fgs.GradientNoiseScale(FakeDDP(), batch_size=4)
-
-
 def test_to_dict_holds_the_same_values_as_plain_floats():
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
     gns = fgs.GradientNoiseScale(model, batch_size=4)
