@@ -46,6 +46,7 @@ class LayerStats:
         self.names = names
         self._total = total
         self.splits: dict[str, range] = {}  # split layer name -> its parts' row indices (see split=)
+        self._precomputed = derived is not None
         if derived is not None:  # already derived (by the finalize kernel): no lazy derivation
             self.__dict__["_derived"] = derived
 
@@ -117,9 +118,21 @@ class LayerStats:
     def _on_host(self) -> LayerStats:
         return type(self)(self.rows.cpu(), self.names, derived=self._host_derived())
 
-    def _host_derived(self) -> dict[str, torch.Tensor]:
-        """The derived fields copied to the host (the very values the device fields hold)."""
-        return {name: value.cpu() for name, value in self._derived.items()}
+    def _host_derived(self) -> dict[str, torch.Tensor] | None:
+        """Precomputed fields copied to the host (the very values the device fields hold), one copy per
+        buffer they view (the finalize kernel packs them into two); None for lazily derived fields, which
+        the host derives again from the copied rows by the same formulas (one copy in all)."""
+        if not self._precomputed:
+            return None
+        host_bases: dict[int, torch.Tensor] = {}
+        host = {}
+        for name, value in self._derived.items():
+            base = value if value._base is None else value._base
+            if id(base) not in host_bases:
+                host_bases[id(base)] = base.cpu()
+            offset = value.storage_offset() - base.storage_offset()
+            host[name] = host_bases[id(base)].as_strided(value.shape, value.stride(), offset)
+        return host
 
     def _layer_dict(self, i: int) -> dict:
         index = () if self.rows.dim() == 1 else (i,)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
+import fastgradstats as fgs
 from fastgradstats import torch_backend
 from fastgradstats.hist import HistSpec, log2_edges
 from fastgradstats.rows import (
@@ -110,3 +111,12 @@ def test_clip_coefficient_is_torchs(dtype, norm_type, max_norm):
     want_coef = torch.clamp(max_norm / (want_norm + 1e-6), max=1.0)
     assert norm.dtype == coef.dtype == dtype
     assert torch.equal(norm.cpu(), want_norm) and torch.equal(coef.cpu(), want_coef)
+
+
+def test_a_finalized_result_reaches_the_host_in_one_copy_per_packed_buffer():
+    layers = [torch.randn(10, device=DEVICE), torch.randn(7, device=DEVICE)]
+    stats = fgs.tensor_stats(layers, backend="triton")
+    host = stats._host_derived()
+    assert set(host) == set(stats.FIELDS)
+    assert len({t.untyped_storage().data_ptr() for t in host.values()}) == 2  # floats and counts
+    assert all(torch.equal(host[f], getattr(stats, f).cpu()) for f in stats.FIELDS)
