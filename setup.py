@@ -18,9 +18,10 @@ setup(
     long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",  # typing.Self
-    packages=["fastgradstats", "fastgradstats.integrations", "fastgradstats.kernels"],
+    packages=["fastgradstats", "fastgradstats.backends", "fastgradstats.bench", "fastgradstats.integrations",
+              "fastgradstats.kernels", "fastgradstats.monitoring", "fastgradstats.trajectory"],
     package_dir={"fastgradstats": "fastgradstats", "fastgradstats.kernels": "kernels"},
-    package_data={"fastgradstats": ["native_stats.c"]},
+    package_data={"fastgradstats.backends": ["native_stats.c"]},
     install_requires=[TORCH, "numpy"],
     extras_require={
         "triton": TRITON,

@@ -13,7 +13,7 @@
 #             public call under torch.cuda.set_sync_debug_mode("error"))
 #   launches  python -m fastgradstats.launches: launches of one tensor_stats (log2, two dtype groups, every
 #             field read), pair_stats and clip_grad_norm_ call, counted and as torch.profiler's CUDA kernels
-#   bench-*   fastgradstats.bench on gpt2-small, 1b, 7b and many-small in bfloat16 and float32 (CUDA events)
+#   bench-*   fastgradstats.bench.suite on gpt2-small, 1b, 7b and many-small in bfloat16 and float32 (CUDA events)
 #   compare   our measured fraction of the read floor beside the roofline's prediction
 #
 # Five files go under $OUT (a temporary folder when unset): steps.tsv (step, status, seconds), device_check.log
@@ -132,7 +132,7 @@ install_package() {
 BENCH_PY='
 import sys
 import torch
-from fastgradstats import bench
+from fastgradstats.bench import suite as bench
 results, device, backend, repeats, warmup, workload, dtypes, families = sys.argv[1:]
 bench.run([workload], None if families == "all" else families.split(","), repeats=int(repeats),
           warmup=int(warmup), device=device, backend=None if backend == "auto" else backend, results=results,
@@ -142,7 +142,7 @@ bench.run([workload], None if families == "all" else families.split(","), repeat
 COMPARE_PY='
 import json
 import sys
-from fastgradstats import bench
+from fastgradstats.bench import suite as bench
 results, roofline, gpu = sys.argv[1:]
 records = [json.loads(line) for line in open(results, encoding="utf-8")]
 print(bench.roofline_table(records, json.load(open(roofline, encoding="utf-8")), gpu))

@@ -2,8 +2,8 @@
 
     pytest benchmarks/ --benchmark-only          # groups = families; compare the rows within a group
 
-Candidates and the workload come from :mod:`fastgradstats.bench` (``fastgradstats bench`` reports the same
-comparison as GB/s, fraction of the read floor and speedups, and keeps the rows).
+Candidates and the workload come from :mod:`fastgradstats.bench.suite` (``fastgradstats bench`` reports the
+same comparison as GB/s, fraction of the read floor and speedups, and keeps the rows).
 """
 
 import functools
@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-from fastgradstats import bench
+from fastgradstats.bench import suite as bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 WORKLOAD = bench.WORKLOADS["gpt2-small"]

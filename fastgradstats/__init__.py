@@ -5,12 +5,12 @@
     stats.l2, stats.total.l2, print(stats.table())
 """
 
-from . import plots, sinks
-from .alerts import Alert, AlertConfig
 from .api import grad_stats, param_stats, tensor_stats
 from .clip import clip_grad_norm_
 from .gns import GradientNoiseScale, NoiseScale
-from .monitor import Monitor, StepRecord
+from .monitoring import plots, sinks
+from .monitoring.alerts import Alert, AlertConfig
+from .monitoring.monitor import Monitor, StepRecord
 from .optim import OptimizerStats, optimizer_stats
 from .pairs import cosine_similarity, pair_stats
 from .results import PairStats, TensorStats

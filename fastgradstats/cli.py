@@ -10,7 +10,8 @@
 ``demo`` trains a tiny transformer on the CPU with a Monitor attached and writes a report folder (statistics
 as JSON lines, plots, a TensorBoard log); see :mod:`fastgradstats.demo`. ``bench`` times the statistics
 against the usual PyTorch baselines on model-shaped random tensors and appends the rows to a JSON-lines
-results file; see :mod:`fastgradstats.bench`. ``trajectory`` maps a checkpoint series (cosines, MDS, cone
+results file; see :mod:`fastgradstats.bench.suite`. ``trajectory``
+maps a checkpoint series (cosines, MDS, cone
 angle, path length) into ``DIR/trajectory.json`` and ``DIR/trajectory.png``; see
 :mod:`fastgradstats.trajectory`.
 
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from fastgradstats import bench, demo
+from fastgradstats import demo
+from fastgradstats.bench import suite as bench
 from fastgradstats.dispatch import BACKENDS, resolve_backend
 from fastgradstats.trajectory import trajectory_map
 
@@ -134,7 +136,7 @@ def _first_line(error: Exception) -> str:
 
 
 def run_bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """Check the ``bench`` options, then run :func:`fastgradstats.bench.run`."""
+    """Check the ``bench`` options, then run :func:`fastgradstats.bench.suite.run`."""
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")
     default = "cuda" if torch.cuda.is_available() else "cpu"

@@ -2,9 +2,9 @@
 
 Order of choice: the ``backend=`` argument, else the ``FASTGRADSTATS_BACKEND`` environment variable, else
 "triton" for CUDA tensors when a recent enough Triton imports (:data:`TRITON_MIN_VERSION`), "native"
-(compiled C, :mod:`fastgradstats.native_backend`) for CPU tensors when a C compiler builds it, and "torch"
-otherwise. "triton" on CPU tensors runs only under ``TRITON_INTERPRET=1`` (Triton's numpy interpreter, used by
-the tests). Triton kernels launch on the tensors' device, whichever device is current.
+(compiled C, :mod:`fastgradstats.backends.native_backend`) for CPU tensors when a C compiler builds it,
+and "torch" otherwise. "triton" on CPU tensors runs only under ``TRITON_INTERPRET=1`` (Triton's numpy
+interpreter, used by the tests). Triton kernels launch on the tensors' device, whichever device is current.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import native_backend, torch_backend
+from .backends import native_backend, torch_backend
 from .dense import flat_elements
 from .distributed import Reducer
 from .hist import HistSpec

@@ -40,8 +40,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import dispatch, torch_backend
+from . import dispatch
 from .api import SUPPORTED_DTYPES, tensor_stats
+from .backends import torch_backend
 from .dense import flat_elements
 from .hist import HistSpec, linear_ranges
 from .results import PairStats, TensorStats

@@ -5,7 +5,7 @@ import torch
 from conftest import DEVICE, NATIVE
 
 import fastgradstats as fgs
-from fastgradstats import native_backend
+from fastgradstats.backends import native_backend
 from fastgradstats.dispatch import resolve_backend
 
 FIELDS = ("numel", "sum", "mean", "std", "l1", "l2", "linf", "min", "max", "zeros", "nonfinite")

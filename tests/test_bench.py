@@ -13,8 +13,8 @@ import torch
 from conftest import DEVICE, requires_cuda
 
 import fastgradstats as fgs
-from fastgradstats import bench
 from fastgradstats import launches as bench_launches
+from fastgradstats.bench import suite as bench
 from fastgradstats.cli import main
 
 SMALL = bench.Workload("small", ((3, 5), (40,), (2, 3, 4)))

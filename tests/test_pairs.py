@@ -16,7 +16,7 @@ from conftest import DEVICE, NATIVE
 from oracle import values
 
 import fastgradstats as fgs
-from fastgradstats import native_backend, torch_backend
+from fastgradstats.backends import native_backend, torch_backend
 from fastgradstats.rows import COSINE_EPS, derive_pair
 
 FIELDS = ("numel", "dot", "a_l2", "b_l2", "cos", "dist")

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from ..monitor import Monitor, StepRecord
+from ..monitoring.monitor import Monitor, StepRecord
 
 try:
     import lightning.pytorch as pl

@@ -32,7 +32,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Sequence
 
-from ..monitor import Monitor
+from ..monitoring.monitor import Monitor
 
 try:
     import transformers

@@ -9,7 +9,7 @@ import torch
 from conftest import DEVICE
 
 import fastgradstats as fgs
-from fastgradstats import torch_backend
+from fastgradstats.backends import torch_backend
 from fastgradstats.hist import HistSpec, log2_edges
 from fastgradstats.rows import (
     ABSSUM,

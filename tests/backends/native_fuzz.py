@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from fastgradstats import native_backend, torch_backend
+from fastgradstats.backends import native_backend, torch_backend
 from fastgradstats.hist import HistSpec
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..monitoring.plots import _figure, _finish, _require_matplotlib
 from .checkpoints import Checkpoint, Source, checkpoint_labels, open_checkpoint, select_keys
-from .plots import _figure, _finish, _require_matplotlib
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

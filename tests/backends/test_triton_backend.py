@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastgradstats as fgs
-from fastgradstats import torch_backend
+from fastgradstats.backends import torch_backend
 from fastgradstats.dense import flat_elements
 from fastgradstats.hist import HistSpec
 from fastgradstats.rows import FMAX, NEG_FMIN, RawStats, derive, empty_rows

@@ -11,7 +11,7 @@ file. On CUDA, times come from CUDA events around each call.
 
     fastgradstats bench                                  # gpt2-small on the CPU; all workloads on CUDA
     fastgradstats bench --workload 7b --family pair --repeats 50
-    fastgradstats bench --family optim --workload gpt2-small --workload params-1gb   # opt-in: see optim_bench
+    fastgradstats bench --family optim --workload gpt2-small --workload params-1gb  # opt-in (optim_memory)
     bench.run(["1b"], dtypes=[torch.float32])            # a workload's shapes in another dtype
 """
 
@@ -37,8 +37,8 @@ import torch.nn.functional as F
 import fastgradstats as fgs
 from fastgradstats.dispatch import resolve_backend
 
-from . import optim_bench
-from .launches import count_launches
+from ..launches import count_launches
+from . import optim_memory
 from .workloads import DEFAULT_WORKLOADS, GRADIENT_SCALE, WORKLOADS, Workload
 
 DEFAULT_RESULTS = Path("benchmarks/results/results.jsonl")
@@ -128,9 +128,9 @@ FAMILIES: dict[str, tuple[str, ...]] = {  # family -> its baselines
     "pair": ("cat-cosine", "cosine-loop"),
     "trajectory": ("flatten-gram",),
     "per-expert": ("slice-loop", "foreach-slices"),
-    optim_bench.OPTIM_FAMILY: optim_bench.CANDIDATES[1:],  # time and extra peak memory: see optim_bench
+    optim_memory.OPTIM_FAMILY: optim_memory.CANDIDATES[1:],  # time and extra peak memory: see optim_memory
 }
-OPT_IN_FAMILIES = (optim_bench.OPTIM_FAMILY,)  # run only when asked for (a subprocess per candidate)
+OPT_IN_FAMILIES = (optim_memory.OPTIM_FAMILY,)  # run only when asked for (a subprocess per candidate)
 DEFAULT_FAMILIES = tuple(family for family in FAMILIES if family not in OPT_IN_FAMILIES)
 STACKED_FAMILIES = ("per-expert",)  # run only on workloads that have stacked (3-D) tensors
 LISTS_READ = {"pair": 2, "trajectory": TRAJECTORY_CHECKPOINTS}  # lists of the workload read per call
@@ -169,7 +169,7 @@ class Row:
     launch_ops: dict[str, int] = field(default_factory=dict)  # those launches by op or kernel name
     host_syncs: int | None = None  # on CUDA: synchronizing CUDA calls per call
     error: str | None = None
-    extra_peak_bytes: int | None = None  # optim family: peak memory above the training state (optim_bench)
+    extra_peak_bytes: int | None = None  # optim family: peak memory above the training state (optim_memory)
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
@@ -318,15 +318,15 @@ def bench_workload(
 
 def optim_rows(workload: Workload, device: torch.device, repeats: int, warmup: int) -> list[Row]:
     """Rows of the optim family: ours (with its speedups), then the copy-based and the Composer-style way,
-    each measured in its own subprocess (:mod:`fastgradstats.optim_bench`). ``bytes``: the parameters and
-    AdamW's two moments, what ours reads."""
+    each measured in its own subprocess (:mod:`fastgradstats.bench.optim_memory`). ``bytes``: the
+    parameters and AdamW's two moments, what ours reads."""
     num_bytes = 3 * workload.num_bytes
     rows = []
-    for candidate in optim_bench.CANDIDATES:
-        measured = optim_bench.measure_in_subprocess(candidate, workload, device, repeats, warmup)
+    for candidate in optim_memory.CANDIDATES:
+        measured = optim_memory.measure_in_subprocess(candidate, workload, device, repeats, warmup)
         ms = measured.get("ms")
         name = OURS if candidate == "ours" else candidate
-        rows.append(Row(workload.name, optim_bench.OPTIM_FAMILY, name, ms, num_bytes,
+        rows.append(Row(workload.name, optim_memory.OPTIM_FAMILY, name, ms, num_bytes,
                         gb_per_s=None if ms is None else num_bytes / ms / 1e6, floor_fraction=None,
                         error=measured.get("error"), extra_peak_bytes=measured.get("extra_peak_bytes")))
     our_row = rows[0]
@@ -438,7 +438,7 @@ def run(
     """Benchmark ``workloads`` × ``families``, print a table per workload and append the rows to ``results``.
 
     Defaults: every family but the opt-in ``optim`` (time and extra peak memory of optimizer_stats, a
-    subprocess per candidate: :mod:`fastgradstats.optim_bench`); on CUDA (the default device when
+    subprocess per candidate: :mod:`fastgradstats.bench.optim_memory`); on CUDA (the default device when
     available) gpt2-small, 1b, 7b and many-small with 20 repeats after 3 warm-up calls, on the CPU gpt2-small
     with 5 repeats after 1; each workload in its own dtype, or in each of ``dtypes``. A workload that needs
     more than the free memory (2 lists, plus 2 per list a family reads; 6 for optim) is skipped.
@@ -465,7 +465,7 @@ def run(
         chosen = [dataclasses.replace(workload, dtype=dtype) for workload in chosen for dtype in dtypes]
     for workload in chosen:
         needed = workload.num_bytes * (2 + max([LISTS_READ.get(f, 0) for f in families]) * 2)
-        if optim_bench.OPTIM_FAMILY in families:
+        if optim_memory.OPTIM_FAMILY in families:
             needed = max(needed, 6 * workload.num_bytes)  # parameters, gradients, 2 moments, a copy, slack
         free = free_bytes(device)
         if free is not None and needed > free:
@@ -473,7 +473,7 @@ def run(
             continue
         workload_rows = (bench_workload(workload, tensor_families, device, backend, repeats, warmup)
                          if tensor_families else [])
-        if optim_bench.OPTIM_FAMILY in families:
+        if optim_memory.OPTIM_FAMILY in families:
             workload_rows += optim_rows(workload, device, repeats, warmup)
         print(format_table(workload, workload_rows, env, repeats), end="\n\n", flush=True)
         if results is not None:

@@ -43,9 +43,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .dense import is_dense
-from .hist import HistSpec, linear_ranges
-from .rows import PAIR_K, K, RawStats, empty_rows, merge_rows_by_index
+from ..dense import is_dense
+from ..hist import HistSpec, linear_ranges
+from ..rows import PAIR_K, K, RawStats, empty_rows, merge_rows_by_index
 
 SOURCE = Path(__file__).with_name("native_stats.c")
 COMPILE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared")

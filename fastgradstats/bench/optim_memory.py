@@ -191,7 +191,7 @@ def measure_in_subprocess(candidate: str, workload: Workload, device: torch.devi
     request = {"candidate": candidate, "shapes": workload.shapes, "dtype": str(workload.dtype).removeprefix(
         "torch."), "device": str(device), "repeats": repeats, "warmup": warmup}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
-    done = subprocess.run([sys.executable, "-m", "fastgradstats.optim_bench", json.dumps(request)],
+    done = subprocess.run([sys.executable, "-m", "fastgradstats.bench.optim_memory", json.dumps(request)],
                           capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]

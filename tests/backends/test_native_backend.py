@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastgradstats import native_backend, torch_backend
+from fastgradstats.backends import native_backend, torch_backend
 from fastgradstats.hist import HistSpec
 from fastgradstats.rows import PAIR_K, derive
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import fastgradstats as fgs
-from fastgradstats import native_backend
+from fastgradstats.backends import native_backend
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                     reason="needs a C compiler")
 needs_root = pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
@@ -31,7 +31,7 @@ PROBE = """
 import json, warnings
 import torch
 import fastgradstats as fgs
-from fastgradstats import native_backend
+from fastgradstats.backends import native_backend
 from fastgradstats.dispatch import resolve_backend
 
 with warnings.catch_warnings(record=True) as caught:

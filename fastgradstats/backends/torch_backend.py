@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .dense import flat_elements
-from .hist import HistSpec, linear_bins, linear_ranges
-from .rows import PAIR_K, ZEROS, RawStats, empty_rows, merge_rows
+from ..dense import flat_elements
+from ..hist import HistSpec, linear_bins, linear_ranges
+from ..rows import PAIR_K, ZEROS, RawStats, empty_rows, merge_rows
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 4 MB of float32: fits in cache next to its scratch buffer
 CENTER_SAMPLE = 4096  # elements whose mean centres a chunk's sums

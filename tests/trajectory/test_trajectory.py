@@ -8,7 +8,7 @@ import torch
 
 import fastgradstats as fgs
 from fastgradstats.cli import main
-from fastgradstats.trajectory import GRAM_BLOCK
+from fastgradstats.trajectory.maps import GRAM_BLOCK
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 

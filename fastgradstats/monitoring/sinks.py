@@ -35,13 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..results import SUMMARIZE_SPLITS, splits_to_summarize
 from .alerts import KINDS as ALERT_KINDS
-from .results import SUMMARIZE_SPLITS, splits_to_summarize
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-    from .gns import NoiseScale
+    from ..gns import NoiseScale
     from .monitor import StepRecord
 
 INSTALL_HINT = 'pip install "fastgradstats[all]"'

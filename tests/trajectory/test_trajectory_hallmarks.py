@@ -5,7 +5,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trajectory_hallmarks.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "trajectory_hallmarks.py"
 
 
 def load_example():

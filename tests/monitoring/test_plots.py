@@ -13,7 +13,7 @@ import matplotlib.image
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fastgradstats import plots
+from fastgradstats.monitoring import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = 4

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastgradstats as fgs
-from fastgradstats.sinks import SCALAR_FIELDS, scalars
+from fastgradstats.monitoring.sinks import SCALAR_FIELDS, scalars
 
 TRACK = ("grad", "param", "update", "grad_cos", "init")
 STEPS = 4

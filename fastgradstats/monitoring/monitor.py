@@ -23,7 +23,7 @@ What ``track`` can hold, and the memory each choice keeps (besides the statistic
   the initial parameters.
 
 Alerts (``alerts=True``): the gradient alerts on "grad" and ``update_spike`` (a layer's ‖Δθ‖/‖θ‖ far above its
-running mean, see :mod:`fastgradstats.alerts`) on "update", either path.
+running mean, see :mod:`fastgradstats.monitoring.alerts`) on "update", either path.
 
 Statistics stay on the device; alerts are device-side flags until read, so a step syncs with the host only
 when a sink writes it or the caller reads ``record.alerts``.
@@ -40,14 +40,14 @@ from typing import Self
 
 import torch
 
+from ..api import grad_stats, param_stats
+from ..dispatch import resolve_backend
+from ..hist import HistSpec
+from ..optim import optimizer_stats, rebuilds_update, update_pair_stats
+from ..pairs import pair_stats
+from ..results import LayerStats, PairStats
+from ..split import Split, split_parts
 from .alerts import Alert, AlertConfig, AlertFlags, AlertTracker
-from .api import grad_stats, param_stats
-from .dispatch import resolve_backend
-from .hist import HistSpec
-from .optim import optimizer_stats, rebuilds_update, update_pair_stats
-from .pairs import pair_stats
-from .results import LayerStats, PairStats
-from .split import Split, split_parts
 
 TRACK_CHOICES = ("grad", "param", "update", "grad_cos", "init", "optim")
 
@@ -97,7 +97,8 @@ class Monitor:
         every: track steps 1, 1 + every, 1 + 2·every, ... (counting calls of ``step()``).
         hist: histogram of the grad/param statistics: "log2" (default), "linear" or None.
         track: any of "grad", "param", "update", "grad_cos", "init", "optim".
-        sinks: a list of objects with ``write(record)`` and ``close()`` (see :mod:`fastgradstats.sinks`).
+        sinks: a list of objects with ``write(record)`` and ``close()`` (see
+            :mod:`fastgradstats.monitoring.sinks`).
         alerts: compute the alerts: the gradient alerts need "grad", ``update_spike`` needs "update";
             ``alert_config`` sets their thresholds.
         history: how many records ``monitor.history`` keeps (the oldest are dropped).

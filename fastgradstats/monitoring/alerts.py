@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .results import TensorStats
+from ..results import TensorStats
 
 GRAD_KINDS = ("nonfinite", "dead", "vanishing", "exploding")
 KINDS = (*GRAD_KINDS, "update_spike")

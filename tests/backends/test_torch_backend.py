@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastgradstats as fgs
-from fastgradstats import native_backend, torch_backend
+from fastgradstats.backends import native_backend, torch_backend
 from fastgradstats.hist import HistSpec
 from fastgradstats.results import TensorStats
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import fastgradstats as fgs
-from fastgradstats.alerts import AlertConfig
+from fastgradstats.monitoring.alerts import AlertConfig
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:

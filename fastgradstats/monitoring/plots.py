@@ -2,7 +2,7 @@
 update-to-weight ratio over steps, the gradient noise scale over steps, and per-part (MoE expert) statistics
 of a split layer over steps.
 
-    from fastgradstats import plots
+    from fastgradstats.monitoring import plots
     fig = plots.gradient_flow(fgs.grad_stats(model), path="flow.png")
     fig = plots.log2_heatmap(monitor.history, "blocks.0.attn.w_q.weight", path="w_q.png")
     fig = plots.norms_over_time(monitor.history, path="norms.png")
@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .gns import NoiseScale
+from ..gns import NoiseScale
+from ..results import LayerStats, TensorStats
 from .monitor import StepRecord
-from .results import LayerStats, TensorStats
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
