@@ -159,16 +159,32 @@ class Monitor:
         self._copy_free_update = False  # set by attach() for optimizers whose update is rebuilt from state
         self._after_step: dict[str, object] = {}  # "update", "optim": taken right after the last step
 
-    def step(self) -> StepRecord | None:
+    def step(self, step: int | None = None) -> StepRecord | None:
         """Count a training step; on tracked steps compute, record, alert and write to the sinks.
 
         Call after ``backward()`` and before ``optimizer.step()`` (``attach`` does it for you). Returns the
         StepRecord of a tracked step, None otherwise.
+
+        Args:
+            step: the step number to record a tracked step under (``record.step``, the sinks' step, the
+                alerts' step), e.g. a trainer's global step, which may start at 0. Which calls are tracked
+                does not depend on it: calls 1, 1 + every, ... of ``step()`` are, as without it. None: the
+                number of calls so far (1 for the first call).
+
+        Example::
+
+            for global_step, batch in enumerate(loader):   # records under 0, every, 2·every, ...
+                loss_fn(model(batch)).backward()
+                monitor.step(global_step)
+                optimizer.step()
         """
         if self.closed:
             raise RuntimeError("Monitor.step() called after close()")
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+            raise TypeError(f"Monitor.step: step must be an int or None, got {type(step).__name__} {step!r}")
         self.steps += 1
-        record = self._record(self.steps) if (self.steps - 1) % self.every == 0 else None
+        tracked = (self.steps - 1) % self.every == 0
+        record = self._record(self.steps if step is None else step) if tracked else None
         if "update" in self.track and self.steps % self.every == 0 and not self._copy_free_update:
             self._previous_params = self._copy_params()  # the next step is tracked
         if record is not None:

@@ -1,5 +1,7 @@
 """Monitor: tracked steps, what each tracked kind measures, alerts, history, hooks and bad input."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,28 @@ def test_only_every_nth_step_is_tracked():
     model = make_model()
     records = train(fgs.Monitor(model, every=3), model, steps=7)
     assert [r.step if r else None for r in records] == [1, None, None, 4, None, None, 7]
+
+
+def test_a_given_step_number_names_the_record_but_calls_still_decide_what_is_tracked(tmp_path):
+    model = make_model()
+    path = tmp_path / "stats.jsonl"
+    monitor = fgs.Monitor(model, every=3, sinks=[fgs.sinks.JSONL(str(path))])
+    records = []
+    for global_step in range(7):  # a trainer's global step starts at 0
+        backward(model, seed=global_step)
+        records.append(monitor.step(global_step))
+    monitor.close()
+    assert [r.step if r else None for r in records] == [0, None, None, 3, None, None, 6]
+    assert [r.step for r in monitor.history] == [0, 3, 6]
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 3, 6]
+
+
+@pytest.mark.parametrize("step", [1.0, "3", True])
+def test_a_step_number_that_is_not_an_int_is_rejected(step):
+    model = make_model()
+    backward(model, seed=0)
+    with pytest.raises(TypeError, match="step must be an int"):
+        fgs.Monitor(model).step(step)
 
 
 def test_grad_stats_are_those_of_the_gradients():
