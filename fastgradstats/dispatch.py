@@ -15,18 +15,17 @@ import os
 import re
 import warnings
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
 from .backends import native_backend, torch_backend
 from .dense import flat_elements
 from .distributed import Reducer
-from .hist import HistSpec
+from .hist import HistSpec, fixed_ranges, linear_ranges
 from .rows import PAIR_K, RawStats
 
 BACKENDS = ("torch", "native", "triton")
-_RAW_STATS = {"torch": torch_backend.raw_stats, "native": native_backend.raw_stats}
-_PAIR_RAW_STATS = {"torch": torch_backend.pair_raw_stats, "native": native_backend.pair_raw_stats}
 # The oldest Triton we declare (setup.py's "triton>=3.4"); the kernels are compiled with 3.9 in CI and 3.6 on
 # the lent GPU machine, not with older releases.
 TRITON_MIN_VERSION = (3, 4)
@@ -108,37 +107,74 @@ def resolve_backend(backend: str | None, device: torch.device | None) -> str:
     return name
 
 
+class Backend(Protocol):
+    """What dispatch asks of a backend (a module: :mod:`.backends.torch_backend`,
+    :mod:`.backends.native_backend` or :mod:`fastgradstats.kernels`). Inputs are validated 1-D tensors of one
+    device, each read in storage order (dispatch flattens them and resolves negative bits once); ``options``
+    are backend tuning knobs such as ``chunk_size`` (tests pass small ones). No operation syncs with a CUDA
+    device. A new statistic plugs in here, once, for every backend."""
+
+    NAME: str  # "torch", "native" or "triton"; "triton" rows are derived by the finalize kernel
+
+    def raw_rows(self, tensors: list[torch.Tensor], spec: HistSpec | None, ranges: torch.Tensor | None,
+                 **options) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(float64 [L, K] raw rows, int64 [L, B] histogram counts or None) in one pass. ``spec`` is None, a
+        log2 histogram, or a linear one over the fixed ``ranges`` float32 [L + 1, 3] (lo, hi, scale)."""
+
+    def linear_hist(self, tensors: list[torch.Tensor], spec: HistSpec, ranges: torch.Tensor,
+                    **options) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int64 [L, B] counts of each layer over its range, int64 [B] counts of all layers over the last
+        range) of a linear histogram; ``ranges`` float32 [L + 1, 3] (lo, hi, scale)."""
+
+    def pair_rows(self, a: list[torch.Tensor], b: list[torch.Tensor], origin: list[torch.Tensor] | None,
+                  **options) -> torch.Tensor:
+        """float64 [L, PAIR_K] pair rows of a[i], b[i] (and origin[i]), equal numels, matching order."""
+
+
+def backend_module(name: str) -> Backend:
+    """The module implementing backend ``name`` (one of :data:`BACKENDS`)."""
+    if name == "triton":
+        import fastgradstats.kernels
+
+        return fastgradstats.kernels
+    return {"torch": torch_backend, "native": native_backend}[name]
+
+
 @torch.no_grad()
 def raw_stats(
     tensors: Sequence[torch.Tensor], spec: HistSpec | None, backend: str | None,
-    reducer: Reducer | None = None,
+    reducer: Reducer | None = None, **options,
 ) -> RawStats:
-    """Raw rows of validated tensors (one device, floating dtypes) from the chosen backend.
+    """Raw rows (and histograms) of validated tensors (one device, floating dtypes, any dense layout) from
+    the chosen backend: :func:`run_raw_stats` with its module."""
+    device = tensors[0].device if tensors else torch.device("cpu")
+    impl = backend_module(resolve_backend(backend, device if tensors else None))
+    with _current_device(device):
+        return run_raw_stats(impl, tensors, spec, reducer, **options)
 
-    With a ``reducer`` (sharded tensors), the rows and histograms of all ranks are merged: the maxima before a
-    linear histogram takes its ranges from them, then the sums and counts.
+
+def run_raw_stats(
+    impl: Backend, tensors: Sequence[torch.Tensor], spec: HistSpec | None, reducer: Reducer | None = None,
+    **options,
+) -> RawStats:
+    """The protocol every backend runs under: one pass computes the rows with a log2 or fixed-range
+    histogram; a linear histogram over data ranges takes a second pass over the ranges derived from the
+    rows. With a ``reducer`` (sharded tensors) the maxima of all ranks are merged before those ranges are
+    taken, and the sums and counts after. ``options`` go to the backend (e.g. ``chunk_size``).
     """
-    name = resolve_backend(backend, tensors[0].device if tensors else None)
-    tensors = _resolved(tensors)
-    if name in _RAW_STATS:
-        compute = functools.partial(_RAW_STATS[name], tensors, spec)
-    else:
-        from fastgradstats.kernels import raw_stats as triton_raw_stats
-
-        compute = functools.partial(_launched_on, tensors[0].device, triton_raw_stats,
-                                    [flat_elements(t) for t in tensors], spec)
-    if reducer is None:
-        return compute()
-    maxima_merged = []
-
-    def merge_maxima(rows: torch.Tensor) -> None:
+    flats = _prepared(tensors)
+    device = flats[0].device if flats else torch.device("cpu")
+    one_pass = spec is not None and (spec.kind == "log2" or spec.range is not None)
+    ranges = fixed_ranges(spec, len(flats), device) if one_pass and spec.kind == "linear" else None
+    rows, hist = impl.raw_rows(flats, spec if one_pass else None, ranges, **options)
+    if reducer is not None:
         reducer.merge_maxima(rows)
-        maxima_merged.append(True)
-
-    raw = compute(before_ranges=merge_maxima)
-    if not maxima_merged:
-        reducer.merge_maxima(raw.rows)
-    reducer.merge_sums(raw)
+    total_hist = None
+    if spec is not None and not one_pass:
+        hist, total_hist = impl.linear_hist(flats, spec, linear_ranges(spec, rows), **options)
+    raw = RawStats(rows, hist, total_hist, triton=impl.NAME == "triton")
+    if reducer is not None:
+        reducer.merge_sums(raw)
     return raw
 
 
@@ -149,31 +185,30 @@ def pair_raw_stats(
     origin: list[torch.Tensor] | None,
     backend: str | None,
     reducer: Reducer | None = None,
+    **options,
 ) -> torch.Tensor:
     """Pair rows [L, PAIR_K] of validated 1-D tensors in matching element order, from the chosen backend
-    (summed over the ranks of ``reducer`` when given)."""
-    name = resolve_backend(backend, a[0].device if a else None)
-    a, b = _resolved(a), _resolved(b)
-    origin = None if origin is None else _resolved(origin)
-    if name in _PAIR_RAW_STATS:
-        rows = _PAIR_RAW_STATS[name](a, b, origin)
-    else:
-        from fastgradstats.kernels import pair_raw_stats as triton_pair_raw_stats
-
-        rows = _launched_on(a[0].device, triton_pair_raw_stats, a, b, origin)
+    (summed over the ranks of ``reducer`` when given). ``options`` go to the backend."""
+    device = a[0].device if a else torch.device("cpu")
+    name = resolve_backend(backend, device if a else None)
+    a, b = _prepared(a), _prepared(b)
+    origin = None if origin is None else _prepared(origin)
+    with _current_device(device):
+        rows = backend_module(name).pair_rows(a, b, origin, **options)
     if reducer is not None:
         reducer.merge_sums(RawStats(rows), first_max=PAIR_K)
     return rows
 
 
-def _launched_on(device: torch.device, fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` with ``device`` as the current CUDA device: Triton launches on the current
-    device, which need not be the tensors' (tensors on cuda:1 while cuda:0 is current)."""
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        return fn(*args, **kwargs)
+def _current_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` as the current CUDA device: Triton launches on the current device, which need not be the
+    tensors' (tensors on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _resolved(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors with any negative bit materialised (``torch._neg_view``, ``z.conj().imag``): the kernels
-    read raw memory, which holds the negated values of such views. A copy, for those tensors only."""
-    return [t.resolve_neg() if t.is_neg() else t for t in tensors]
+def _prepared(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors as 1-D tensors of their elements in storage order (:func:`flat_elements`: a view unless a
+    tensor has gaps or overlaps), with any negative bit materialised (``torch._neg_view``,
+    ``z.conj().imag``; the kernels read raw memory, which holds the negated values): a copy for those
+    tensors only."""
+    return [flat_elements(t.resolve_neg() if t.is_neg() else t) for t in tensors]

@@ -108,18 +108,27 @@ def linear_ranges(spec: HistSpec, rows: torch.Tensor) -> torch.Tensor:
     (-1, 1)). s is the power of two by which every backend scales x, lo and hi before it bins (module
     docstring): 2^-(e - SCALED_EXP) for e = floor(log2 max(|lo|, |hi|)) > SCALED_EXP, else 1.
     """
-    num_layers = rows.shape[0]
     if spec.range is not None:
-        lo_hi = torch.empty(num_layers + 1, 2, dtype=torch.float32, device=rows.device)
-        lo_hi[:, 0], lo_hi[:, 1] = spec.range  # fills on the device: no host-to-device copy, no sync
-    else:
-        data = torch.cat([finite_range(rows), finite_range(merge_rows(rows))[None]])
-        lo, hi = data.clamp(-FLOAT32_MAX, FLOAT32_MAX).to(torch.float32).unbind(-1)
-        same = lo == hi
-        wider_lo = torch.minimum(lo - 1, torch.nextafter(lo, torch.full_like(lo, float("-inf"))))
-        wider_hi = torch.maximum(hi + 1, torch.nextafter(hi, torch.full_like(hi, float("inf"))))
-        lo_hi = torch.stack([torch.where(same, wider_lo, lo), torch.where(same, wider_hi, hi)], dim=-1)
-        lo_hi = lo_hi.clamp(-FLOAT32_MAX, FLOAT32_MAX)
+        return fixed_ranges(spec, rows.shape[0], rows.device)
+    data = torch.cat([finite_range(rows), finite_range(merge_rows(rows))[None]])
+    lo, hi = data.clamp(-FLOAT32_MAX, FLOAT32_MAX).to(torch.float32).unbind(-1)
+    same = lo == hi
+    wider_lo = torch.minimum(lo - 1, torch.nextafter(lo, torch.full_like(lo, float("-inf"))))
+    wider_hi = torch.maximum(hi + 1, torch.nextafter(hi, torch.full_like(hi, float("inf"))))
+    lo_hi = torch.stack([torch.where(same, wider_lo, lo), torch.where(same, wider_hi, hi)], dim=-1)
+    return _with_scale(lo_hi.clamp(-FLOAT32_MAX, FLOAT32_MAX))
+
+
+def fixed_ranges(spec: HistSpec, num_layers: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """float32 [num_layers + 1, 3] (lo, hi, s): ``spec.range`` for every layer and for all layers together
+    (see :func:`linear_ranges`)."""
+    lo_hi = torch.empty(num_layers + 1, 2, dtype=torch.float32, device=device)
+    lo_hi[:, 0], lo_hi[:, 1] = spec.range  # fills on the device: no host-to-device copy, no sync
+    return _with_scale(lo_hi)
+
+
+def _with_scale(lo_hi: torch.Tensor) -> torch.Tensor:
+    """[R, 3] (lo, hi, s) of ranges [R, 2], s as documented in :func:`linear_ranges`."""
     exponent = torch.frexp(lo_hi.abs().amax(-1)).exponent - 1  # floor(log2 max(|lo|, |hi|))
     scale = torch.ldexp(torch.ones_like(lo_hi[:, 0]), -(exponent - SCALED_EXP).clamp_min(0))
     return torch.cat([lo_hi, scale[:, None]], dim=-1)

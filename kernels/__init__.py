@@ -1,11 +1,14 @@
 """Triton kernels of fastgradstats (installed as ``fastgradstats.kernels``); import only where Triton is
 present.
 
-They need Triton >= 3.4 (setup.py's floor): :mod:`fastgradstats.dispatch` checks the installed version
-(``TRITON_MIN_VERSION``) before it chooses them.
+The package is the "triton" backend of :class:`fastgradstats.dispatch.Backend` (``raw_rows``,
+``linear_hist``, ``pair_rows``). The kernels need Triton >= 3.4 (setup.py's floor):
+:mod:`fastgradstats.dispatch` checks the installed version (``TRITON_MIN_VERSION``) before it chooses them.
 """
 
-from .pair_stats import pair_raw_stats
-from .tensor_stats import raw_stats
+from .pair_stats import pair_rows
+from .tensor_stats import linear_hist, raw_rows
 
-__all__ = ["pair_raw_stats", "raw_stats"]
+NAME = "triton"
+
+__all__ = ["NAME", "linear_hist", "pair_rows", "raw_rows"]

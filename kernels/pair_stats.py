@@ -96,7 +96,7 @@ def _pair_chunk_kernel(
     tl.store(row + 4, tl.sum(dd, 0).to(tl.float64))
 
 
-def pair_raw_stats(
+def pair_rows(
     a: list[torch.Tensor],
     b: list[torch.Tensor],
     origin: list[torch.Tensor] | None = None,

@@ -11,9 +11,10 @@ predicted fraction of the read floor on the GPUs of that architecture (DESIGN.md
                    / (bandwidth / (bytes per element x SMs x clock))
     Little bound = bytes in flight per SM / (bandwidth x 600 ns / SMs)
 
-The specializations are discovered at run time: the package's launchers (``raw_stats``, ``pair_raw_stats``)
-run on small CPU tensors with every Triton launch recorded instead of executed, so the model sees the
-constexprs, warps and options the package passes today. It is an upper bound; a measurement on a GPU
+The specializations are discovered at run time: the backend protocol (``raw_rows``, ``linear_hist``,
+``pair_rows``, run by :func:`fastgradstats.dispatch.run_raw_stats`) runs on small CPU tensors with every
+Triton launch recorded instead of executed, so the model sees the constexprs, warps and options the package
+passes today. It is an upper bound; a measurement on a GPU
 overrides it. Must run without ``TRITON_INTERPRET`` (the interpreter compiles nothing).
 """
 
@@ -39,10 +40,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from fastgradstats import kernels
+from fastgradstats.dispatch import run_raw_stats
 from fastgradstats.hist import HistSpec
 
-from .pair_stats import pair_raw_stats
-from .tensor_stats import TL_DTYPES, raw_stats
+from .pair_stats import pair_rows
+from .tensor_stats import TL_DTYPES
 
 ISSUE_PER_CLOCK = 4  # warp-instructions an SM issues per clock (four schedulers), sm_80 and sm_90
 LATENCY_NS = 600  # HBM load latency under load: the Little's-law horizon
@@ -156,10 +159,10 @@ def _launch_plans() -> Iterator[tuple[str, torch.dtype, int, tuple[str, ...], Ca
         ("tensor_stats_ranges", HistSpec.make("linear"), ("linear_hist",)),  # ranges from the data
     ):
         for dtype in TL_DTYPES:
-            yield family, dtype, 1, later, functools.partial(raw_stats, *_inputs(dtype, 1), spec)
+            yield family, dtype, 1, later, functools.partial(run_raw_stats, kernels, *_inputs(dtype, 1), spec)
     for family, lists in (("pair_stats", 2), ("pair_stats_origin", 3)):
         for dtype in TL_DTYPES:
-            yield family, dtype, lists, (), functools.partial(pair_raw_stats, *_inputs(dtype, lists))
+            yield family, dtype, lists, (), functools.partial(pair_rows, *_inputs(dtype, lists))
 
 
 @functools.cache

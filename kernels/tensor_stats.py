@@ -23,14 +23,12 @@ stay finite and the log2 bins come from the float64 exponent, clamped like every
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import triton
 import triton.language as tl
 
-from fastgradstats.hist import HistSpec, linear_ranges
-from fastgradstats.rows import FIRST_MAX, K, RawStats
+from fastgradstats.hist import HistSpec
+from fastgradstats.rows import FIRST_MAX, K
 
 from .chunking import chunk_span, edge_range
 from .merge import merge_chunk_rows
@@ -290,57 +288,61 @@ def check_sizes(chunk_size: int, block_size: int) -> None:
         )
 
 
-def raw_stats(
+def raw_rows(
     tensors: list[torch.Tensor],
     spec: HistSpec | None = None,
+    ranges: torch.Tensor | None = None,
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     block_size: int | None = None,
-    before_ranges: Callable[[torch.Tensor], None] | None = None,
-) -> RawStats:
-    """Raw rows [L, K] float64 (and int64 histogram counts) of 1-D dense tensors on one device.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw rows float64 [L, K] and int64 [L, B] log2 or fixed-range (``ranges`` float32 [L + 1, 3])
+    histogram counts of 1-D dense tensors on one device (the backend protocol of
+    :class:`fastgradstats.dispatch.Backend`).
 
     ``block_size``: elements per tile (default: TILE_BYTES of each dtype); tests pass small sizes.
-
-    Launches, per dtype group, stage 1 (skipped when the group has no element) and stage 2; a linear
-    histogram over per-layer data ranges adds one histogram-only stage 1 per group, after
-    ``before_ranges(rows)`` when given (the distributed layer merges all ranks' maxima there). No host sync.
+    Launches, per dtype group, stage 1 (skipped when the group has no element) and stage 2. No host sync.
     """
-    for dtype in {t.dtype for t in tensors}:
-        check_sizes(chunk_size, _block(dtype, block_size))
-    num_layers = len(tensors)
     device = tensors[0].device
-    rows = torch.empty(num_layers, K, dtype=torch.float64, device=device)
-    hist = total_hist = ranges = None
-    hist_mode = HIST_NONE
-    if spec is not None:
-        hist = torch.zeros(num_layers, spec.bins, dtype=torch.int64, device=device)
-        hist_mode = HIST_LOG2 if spec.kind == "log2" else HIST_LINEAR
-        if spec.kind == "linear" and spec.range is not None:
-            ranges = linear_ranges(spec, rows)
-    per_layer_ranges = hist_mode == HIST_LINEAR and ranges is None
+    rows = torch.empty(len(tensors), K, dtype=torch.float64, device=device)
+    hist = None if spec is None else torch.zeros(len(tensors), spec.bins, dtype=torch.int64, device=device)
+    hist_mode = HIST_NONE if spec is None else HIST_LOG2 if spec.kind == "log2" else HIST_LINEAR
+    for dtype, table in _tables(tensors, chunk_size, block_size).items():
+        partials = torch.empty(table.num_chunks, K, dtype=torch.float64, device=device)
+        _launch_chunks(table, dtype, spec, hist_mode, partials, hist, None, ranges, chunk_size, block_size)
+        merge_chunk_rows(table, partials, rows, FIRST_MAX, chan=True)
+    return rows, hist
 
+
+def linear_hist(
+    tensors: list[torch.Tensor],
+    spec: HistSpec,
+    ranges: torch.Tensor,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    block_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 [L, B] linear-histogram counts of each tensor over its range in ``ranges`` float32 [L + 1, 3]
+    (read on the device: no sync), and int64 [B] counts of all tensors over the last range: one
+    histogram-only stage 1 per dtype group."""
+    device = tensors[0].device
+    hist = torch.zeros(len(tensors), spec.bins, dtype=torch.int64, device=device)
+    total_hist = torch.zeros(spec.bins, dtype=torch.int64, device=device)
+    for dtype, table in _tables(tensors, chunk_size, block_size).items():
+        _launch_chunks(table, dtype, spec, HIST_LINEAR, None, hist, total_hist, ranges, chunk_size,
+                       block_size)
+    return hist, total_hist
+
+
+def _tables(tensors: list[torch.Tensor], chunk_size: int, block_size: int | None) -> dict:
+    """The (cached) segment table of each dtype group of ``tensors``, after checking the tile sizes."""
     groups: dict[torch.dtype, list[int]] = {}
     for layer, t in enumerate(tensors):
         groups.setdefault(t.dtype, []).append(layer)
-    tables = {dtype: segment_table([tensors[i] for i in layers], layers, chunk_size)
-              for dtype, layers in groups.items()}
-
-    for dtype, table in tables.items():
-        partials = torch.empty(table.num_chunks, K, dtype=torch.float64, device=device)
-        mode = HIST_NONE if per_layer_ranges else hist_mode
-        _launch_chunks(table, dtype, spec, mode, partials, hist, None, ranges, chunk_size, block_size)
-        merge_chunk_rows(table, partials, rows, FIRST_MAX, chan=True)
-
-    if per_layer_ranges:  # needs every layer's finite [min, max], so after all groups' stage 2
-        if before_ranges is not None:
-            before_ranges(rows)
-        ranges = linear_ranges(spec, rows)
-        total_hist = torch.zeros(spec.bins, dtype=torch.int64, device=device)
-        for dtype, table in tables.items():
-            _launch_chunks(table, dtype, spec, HIST_LINEAR, None, hist, total_hist, ranges, chunk_size,
-                           block_size)
-    return RawStats(rows, hist, total_hist, triton=True)
+    for dtype in groups:
+        check_sizes(chunk_size, _block(dtype, block_size))
+    return {dtype: segment_table([tensors[i] for i in layers], layers, chunk_size)
+            for dtype, layers in groups.items()}
 
 
 def _histogram_slots(spec: HistSpec | None, hist_mode: int, dtype: torch.dtype) -> int:

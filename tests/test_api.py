@@ -187,13 +187,13 @@ def test_empty_backend_variable_means_auto(monkeypatch):
 def test_backend_variable_selects_the_triton_kernels(monkeypatch):
     kernels = pytest.importorskip("fastgradstats.kernels")
     calls = []
-    original = kernels.raw_stats
+    original = kernels.raw_rows
 
     def spy(*args, **kwargs):
         calls.append(len(args[0]))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "raw_stats", spy)
+    monkeypatch.setattr(kernels, "raw_rows", spy)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("FASTGRADSTATS_BACKEND", "triton")
     stats = fgs.tensor_stats(layers("cpu"), hist="log2")

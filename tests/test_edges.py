@@ -15,6 +15,7 @@ import torch
 from conftest import DEVICE, NATIVE
 
 import fastgradstats as fgs
+from fastgradstats import dispatch
 
 BACKENDS = ["torch", NATIVE, pytest.param("triton", marks=pytest.mark.filterwarnings("ignore"))]
 
@@ -128,8 +129,7 @@ def test_std_is_accurate_when_the_mean_dominates(backend, ratio):
     want = oracle.stats(oracle.values(x))["std"]
     kwargs = {"chunk_size": 4096, "block_size": 256} if backend == "triton" else {}
     if backend == "triton":
-        from fastgradstats.kernels import raw_stats
-        rows = raw_stats([x.to(DEVICE)], **kwargs).rows.cpu()
+        rows = dispatch.raw_stats([x.to(DEVICE)], None, "triton", **kwargs).rows.cpu()
         got = fgs.rows.derive(rows)["std"][0].item()
     else:
         got = stats_of([x], backend).std.item()

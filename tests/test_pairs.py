@@ -5,6 +5,7 @@ a GPU) against the torch backend, and the public call against plain per-layer to
 """
 
 import copy
+import functools
 import importlib
 import math
 
@@ -13,15 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, NATIVE
+from helpers import pair_rows
 from oracle import values
 
 import fastgradstats as fgs
-from fastgradstats.backends import native_backend, torch_backend
 from fastgradstats.rows import COSINE_EPS, derive_pair
 
 FIELDS = ("numel", "dot", "a_l2", "b_l2", "cos", "dist")
 FLOAT_FIELDS = FIELDS[1:]
-PAIR_RAW_STATS = {"torch": torch_backend.pair_raw_stats, "native": native_backend.pair_raw_stats}
+PAIR_RAW_STATS = {name: functools.partial(pair_rows, name) for name in ("torch", "native")}
 CHUNK, BLOCK = 32, 16  # tiny kernel chunks so small tensors straddle chunk and block boundaries
 kernels = importlib.import_module("fastgradstats.kernels")
 pair_kernels = importlib.import_module("fastgradstats.kernels.pair_stats")
@@ -177,7 +178,7 @@ def test_to_dict_and_table_list_every_layer_and_the_total():
     stats = fgs.pair_stats(a, b, names=["enc", "dec"])
     data = stats.to_dict()
     assert list(data["layers"]) == ["enc", "dec"]
-    assert set(data["layers"]["enc"]) == set(FIELDS) and set(data["total"]) == set(FIELDS)
+    assert set(data["layers"]["enc"]) == {*FIELDS, "ratio"} == set(data["total"])
     assert data["layers"]["dec"]["numel"] == 4 and data["total"]["numel"] == 7
     assert data["total"]["cos"] == pytest.approx(stats.total.cos.item())
     lines = stats.table().splitlines()
@@ -204,11 +205,11 @@ def poisoned_empty(monkeypatch):
 
 
 def triton_rows(a, b, origin=None):
-    return kernels.pair_raw_stats(a, b, origin, chunk_size=CHUNK, block_size=BLOCK)
+    return pair_rows("triton", a, b, origin, chunk_size=CHUNK, block_size=BLOCK)
 
 
 def assert_rows_match_torch_backend(rows: torch.Tensor, a, b, origin=None) -> None:
-    reference = torch_backend.pair_raw_stats(a, b, origin)
+    reference = pair_rows("torch", a, b, origin)
     assert rows.shape == reference.shape and rows.dtype == torch.float64
     got, expected = derive_pair(rows), derive_pair(reference)
     assert torch.equal(got["numel"], expected["numel"])

@@ -43,14 +43,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..dense import is_dense
-from ..hist import HistSpec, linear_ranges
-from ..rows import PAIR_K, K, RawStats, empty_rows, merge_rows_by_index
+from ..hist import HistSpec
+from ..rows import PAIR_K, K, merge_rows_by_index
 
 SOURCE = Path(__file__).with_name("native_stats.c")
 COMPILE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC", "-shared")
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 HIST_KINDS = {None: 0, "log2": 1, "linear": 2}
+NAME = "native"
 DEFAULT_CHUNK_SIZE = 1 << 16
 MIN_ELEMENTS_PER_THREAD = 1 << 18  # below this, handing work to another thread costs more than it saves
 COMPILE_TIMEOUT_S = 120  # a compiler that hangs (a stuck wrapper, a dead network disk) is given up on
@@ -249,14 +249,17 @@ class _Chunks:
             self.dtypes[:, i] = codes[self.layer]
 
 
-def _readable(t: torch.Tensor) -> torch.Tensor:
-    """t, or a contiguous copy if its elements do not fill a gap-free span from ``t.data_ptr()`` (the kernels
-    read that span in storage order)."""
-    if t.device.type != "cpu":
-        raise ValueError(f"the native backend needs CPU tensors, got {t.device}")
-    if t.dtype not in DTYPE_CODES:
-        raise TypeError(f"the native backend reads float32/float64/bfloat16/float16, got {t.dtype}")
-    return t if t.is_contiguous() or is_dense(t) else t.contiguous()
+def _checked(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """The tensors, once checked to be what the kernels can read from their ``data_ptr()``: contiguous CPU
+    tensors of a dtype in DTYPE_CODES (dispatch flattens them)."""
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise ValueError(f"the native backend needs CPU tensors, got {t.device}")
+        if t.dtype not in DTYPE_CODES:
+            raise TypeError(f"the native backend reads float32/float64/bfloat16/float16, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError("the native backend reads contiguous tensors (dispatch.raw_stats flattens them)")
+    return tensors
 
 
 def _ranges_by_thread(numel: np.ndarray) -> list[tuple[int, int]]:
@@ -295,53 +298,57 @@ def _kernels() -> ctypes.CDLL:
 # ------------------------------------------------------------------------------------------- statistics
 
 
-def raw_stats(
+def raw_rows(
     tensors: Sequence[torch.Tensor],
     spec: HistSpec | None = None,
+    ranges: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    before_ranges: Callable[[torch.Tensor], None] | None = None,
-) -> RawStats:
-    """Raw rows [L, K] (and histogram counts [L, B]) of CPU tensors, as :func:`torch_backend.raw_stats`.
-
-    ``before_ranges(rows)``, when given, is called on the rows before a linear histogram takes its ranges from
-    them (the distributed layer merges the maxima of all ranks there).
-    """
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw rows float64 [L, K] and int64 [L, B] log2 or fixed-range histogram counts of 1-D contiguous CPU
+    tensors, as :func:`torch_backend.raw_rows` (the backend protocol of
+    :class:`fastgradstats.dispatch.Backend`)."""
     kernels = _kernels()
-    flats = [_readable(t) for t in tensors]
-    chunks = _Chunks([flats], chunk_size)
-    ranges = _ranges_by_thread(chunks.numel)
-    num_layers, bins = len(flats), spec.bins if spec else 0
-    one_pass_hist = spec is not None and (spec.kind == "log2" or spec.range is not None)
+    chunks = _Chunks([_checked(tensors)], chunk_size)
+    threads = _ranges_by_thread(chunks.numel)
+    bins = spec.bins if spec else 0
     chunk_rows = np.empty((chunks.count, K), dtype=np.float64)
-    hist = np.zeros((len(ranges), num_layers, bins), dtype=np.int64)
-    hist_kind = HIST_KINDS[spec.kind if one_pass_hist else None]
-    layer_ranges = (np.ascontiguousarray(linear_ranges(spec, empty_rows(num_layers)).numpy())
-                    if one_pass_hist and spec.kind == "linear" else None)
+    hist = np.zeros((len(threads), len(tensors), bins), dtype=np.int64)
+    layer_ranges = None if ranges is None else np.ascontiguousarray(ranges.numpy())
 
     def stats(thread: int, first: int, last: int) -> int:
         return kernels.fgs_tensor_stats(
             first, last, chunks.addresses[0].ctypes.data, chunks.numel.ctypes.data, chunks.dtypes.ctypes.data,
-            chunks.layer.ctypes.data, chunk_rows.ctypes.data, hist_kind, bins, spec.min_exp if spec else 0,
-            _address(layer_ranges), hist[thread].ctypes.data)
+            chunks.layer.ctypes.data, chunk_rows.ctypes.data, HIST_KINDS[spec.kind if spec else None], bins,
+            spec.min_exp if spec else 0, _address(layer_ranges), hist[thread].ctypes.data)
 
-    _run(stats, ranges)
-    rows = merge_rows_by_index(torch.from_numpy(chunk_rows), torch.from_numpy(chunks.layer), num_layers)
-    total_hist = None
-    if spec is not None and not one_pass_hist:
-        if before_ranges is not None:
-            before_ranges(rows)
-        all_ranges = np.ascontiguousarray(linear_ranges(spec, rows).numpy())
-        totals = np.zeros((len(ranges), bins), dtype=np.int64)
+    _run(stats, threads)
+    rows = merge_rows_by_index(torch.from_numpy(chunk_rows), torch.from_numpy(chunks.layer), len(tensors))
+    return rows, torch.from_numpy(hist.sum(0)) if spec else None
 
-        def linear_hist(thread: int, first: int, last: int) -> int:
-            return kernels.fgs_linear_hist(
-                first, last, chunks.addresses[0].ctypes.data, chunks.numel.ctypes.data,
-                chunks.dtypes.ctypes.data, chunks.layer.ctypes.data, bins, all_ranges.ctypes.data, num_layers,
-                hist[thread].ctypes.data, totals[thread].ctypes.data)
 
-        _run(linear_hist, ranges)
-        total_hist = torch.from_numpy(totals.sum(0))
-    return RawStats(rows, torch.from_numpy(hist.sum(0)) if spec else None, total_hist)
+def linear_hist(
+    tensors: Sequence[torch.Tensor],
+    spec: HistSpec,
+    ranges: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 [L, B] linear-histogram counts of each 1-D contiguous CPU tensor over its range in ``ranges``
+    float32 [L + 1, 3], and int64 [B] counts of all of them over the last range."""
+    kernels = _kernels()
+    chunks = _Chunks([_checked(tensors)], chunk_size)
+    threads = _ranges_by_thread(chunks.numel)
+    all_ranges = np.ascontiguousarray(ranges.numpy())
+    hist = np.zeros((len(threads), len(tensors), spec.bins), dtype=np.int64)
+    totals = np.zeros((len(threads), spec.bins), dtype=np.int64)
+
+    def linear(thread: int, first: int, last: int) -> int:
+        return kernels.fgs_linear_hist(
+            first, last, chunks.addresses[0].ctypes.data, chunks.numel.ctypes.data, chunks.dtypes.ctypes.data,
+            chunks.layer.ctypes.data, spec.bins, all_ranges.ctypes.data, len(tensors),
+            hist[thread].ctypes.data, totals[thread].ctypes.data)
+
+    _run(linear, threads)
+    return torch.from_numpy(hist.sum(0)), torch.from_numpy(totals.sum(0))
 
 
 def _address(array: np.ndarray | None) -> int | None:
@@ -350,16 +357,16 @@ def _address(array: np.ndarray | None) -> int | None:
 
 
 
-def pair_raw_stats(
+def pair_rows(
     a: Sequence[torch.Tensor],
     b: Sequence[torch.Tensor],
     origin: Sequence[torch.Tensor] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
-    """Pair rows float64 [L, PAIR_K] of CPU tensors a[i], b[i] (and origin[i]) with equal element counts, read
-    in matching element order, as :func:`torch_backend.pair_raw_stats`."""
+    """Pair rows float64 [L, PAIR_K] of 1-D contiguous CPU tensors a[i], b[i] (and origin[i]) with equal
+    element counts, as :func:`torch_backend.pair_rows`."""
     kernels = _kernels()
-    lists = [[_readable(t) for t in tensors] for tensors in (a, b, *(() if origin is None else (origin,)))]
+    lists = [_checked(tensors) for tensors in (a, b, *(() if origin is None else (origin,)))]
     chunks = _Chunks(lists, chunk_size)
     chunk_rows = np.empty((chunks.count, PAIR_K), dtype=np.float64)
     dtypes = np.zeros((chunks.count, 3), dtype=np.int32)

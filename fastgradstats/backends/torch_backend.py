@@ -11,14 +11,14 @@ the CPU a finite Σ|x| lets a chunk skip the search for NaN and Inf.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..dense import flat_elements
-from ..hist import HistSpec, linear_bins, linear_ranges
-from ..rows import PAIR_K, ZEROS, RawStats, empty_rows, merge_rows
+from ..hist import HistSpec, linear_bins
+from ..rows import PAIR_K, ZEROS, empty_rows, merge_rows
 
+NAME = "torch"
 DEFAULT_CHUNK_SIZE = 1 << 20  # 4 MB of float32: fits in cache next to its scratch buffer
 CENTER_SAMPLE = 4096  # elements whose mean centres a chunk's sums
 
@@ -40,53 +40,56 @@ class _Scratch:
         return converted[:n], work[:n]
 
 
-def raw_stats(
+def raw_rows(
     tensors: Sequence[torch.Tensor],
     spec: HistSpec | None = None,
+    ranges: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    before_ranges: Callable[[torch.Tensor], None] | None = None,
-) -> RawStats:
-    """Raw rows [L, K] (and histogram counts [L, B]) of each tensor; see :mod:`fastgradstats.rows`.
-
-    ``before_ranges(rows)``, when given, is called on the rows before a linear histogram takes its ranges from
-    them (the distributed layer merges the maxima of all ranks there).
-    """
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw rows float64 [L, K] (see :mod:`fastgradstats.rows`) of 1-D tensors, and int64 [L, B] counts of a
+    log2 histogram or of a linear one over fixed ``ranges`` float32 [L + 1, 3] (the backend protocol of
+    :class:`fastgradstats.dispatch.Backend`)."""
     device = tensors[0].device if len(tensors) else torch.device("cpu")
-    num_layers = len(tensors)
-    one_pass_hist = spec is not None and (spec.kind == "log2" or spec.range is not None)
-    hist = torch.zeros(num_layers, spec.bins, dtype=torch.int64, device=device) if spec else None
-    rows = empty_rows(num_layers, device)
-    fixed_ranges = linear_ranges(spec, rows) if one_pass_hist and spec.kind == "linear" else None
+    hist = torch.zeros(len(tensors), spec.bins, dtype=torch.int64, device=device) if spec else None
+    rows = empty_rows(len(tensors), device)
     scratch = _Scratch(min(chunk_size, max((t.numel() for t in tensors), default=0)), device)
-
     for layer, t in enumerate(tensors):
         chunk_rows = []
-        for piece in _chunks(t, chunk_size):
+        for piece in _pieces(t, chunk_size):
             x, work = _convert(piece, _working_dtype(piece.dtype), scratch)
             chunk_rows.append(_chunk_row(x, work))
-            if one_pass_hist and spec.kind == "log2":
+            if spec is not None and spec.kind == "log2":
                 hist[layer] += _log2_counts(x, work, spec, zeros=chunk_rows[-1][ZEROS])
-            elif one_pass_hist:
-                hist[layer] += _linear_counts(x, spec, fixed_ranges[layer])
+            elif spec is not None:
+                hist[layer] += _linear_counts(x, spec, ranges[layer])
         if chunk_rows:
             rows[layer] = merge_rows(torch.stack(chunk_rows))
-
-    total_hist = None
-    if spec is not None and not one_pass_hist:
-        if before_ranges is not None:
-            before_ranges(rows)
-        ranges = linear_ranges(spec, rows)
-        total_hist = torch.zeros(spec.bins, dtype=torch.int64, device=device)
-        for layer, t in enumerate(tensors):
-            for piece in _chunks(t, chunk_size):
-                x, _ = _convert(piece, _working_dtype(piece.dtype), scratch)
-                hist[layer] += _linear_counts(x, spec, ranges[layer])
-                total_hist += _linear_counts(x, spec, ranges[-1])
-    return RawStats(rows, hist, total_hist)
+    return rows, hist
 
 
-def _chunks(t: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, ...]:
-    return flat_elements(t).split(chunk_size) if t.numel() else ()
+def linear_hist(
+    tensors: Sequence[torch.Tensor],
+    spec: HistSpec,
+    ranges: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 [L, B] linear-histogram counts of each 1-D tensor over its range in ``ranges`` float32
+    [L + 1, 3], and int64 [B] counts of all of them over the last range."""
+    device = tensors[0].device if len(tensors) else torch.device("cpu")
+    hist = torch.zeros(len(tensors), spec.bins, dtype=torch.int64, device=device)
+    total_hist = torch.zeros(spec.bins, dtype=torch.int64, device=device)
+    scratch = _Scratch(min(chunk_size, max((t.numel() for t in tensors), default=0)), device)
+    for layer, t in enumerate(tensors):
+        for piece in _pieces(t, chunk_size):
+            x, _ = _convert(piece, _working_dtype(piece.dtype), scratch)
+            hist[layer] += _linear_counts(x, spec, ranges[layer])
+            total_hist += _linear_counts(x, spec, ranges[-1])
+    return hist, total_hist
+
+
+def _pieces(t: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, ...]:
+    """Consecutive chunks of at most ``chunk_size`` elements of a 1-D tensor (none when it is empty)."""
+    return t.split(chunk_size) if t.numel() else ()
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -163,7 +166,7 @@ def _log2_counts(x: torch.Tensor, work: torch.Tensor, spec: HistSpec, zeros: tor
     return _bin_counts(bins, spec.bins + 1, per_field)[: spec.bins]
 
 
-def pair_raw_stats(
+def pair_rows(
     a: Sequence[torch.Tensor],
     b: Sequence[torch.Tensor],
     origin: Sequence[torch.Tensor] | None = None,

@@ -13,7 +13,8 @@ import time
 import numpy as np
 import torch
 
-from fastgradstats.backends import native_backend, torch_backend
+from fastgradstats import dispatch
+from fastgradstats.backends import native_backend
 from fastgradstats.hist import HistSpec
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -70,13 +71,13 @@ def one_case(rng: np.random.Generator) -> None:
         lists = [[t[: min(len(x) for x in layer)] for t in layer] for layer in zip(*lists)]
         lists = [list(column) for column in zip(*lists)]
         origin = lists[2] if rng.random() < 0.5 else None
-        rows = native_backend.pair_raw_stats(lists[0], lists[1], origin, chunk_size=chunk_size)
+        rows = dispatch.pair_raw_stats(lists[0], lists[1], origin, "native", chunk_size=chunk_size)
         assert rows.shape == (len(shapes), 5)
         return
     tensors = [random_tensor(rng, DTYPES[rng.integers(4)]) for _ in range(int(rng.integers(1, 5)))]
     spec = random_spec(rng)
-    ours = native_backend.raw_stats(tensors, spec, chunk_size=chunk_size)
-    reference = torch_backend.raw_stats(tensors, spec)
+    ours = dispatch.raw_stats(tensors, spec, "native", chunk_size=chunk_size)
+    reference = dispatch.raw_stats(tensors, spec, "torch")
     assert torch.equal(ours.rows[:, 0], reference.rows[:, 0])
     if spec is not None:
         assert torch.equal(ours.hist, reference.hist), (spec, tensors)

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 from conftest import DEVICE
+from helpers import raw_stats
 
 import fastgradstats as fgs
-from fastgradstats.backends import torch_backend
+from fastgradstats import results
 from fastgradstats.hist import HistSpec, log2_edges
 from fastgradstats.rows import (
     ABSSUM,
@@ -17,6 +18,7 @@ from fastgradstats.rows import (
     NEG_MIN,
     K,
     derive,
+    derive_hist_sums,
     derive_pair,
     l2_norm,
     linf_norm,
@@ -59,7 +61,7 @@ def assert_field(name, got, want):
 @pytest.mark.parametrize("spec", [None, HistSpec.make("log2"),
                                   HistSpec.make("log2", min_exp=-126, max_exp=127)])
 def test_tensor_fields_match_the_torch_derivation(count, spec):
-    raw = torch_backend.raw_stats(layers(count), spec)
+    raw = raw_stats("torch", layers(count), spec)
     rows = raw.rows.to(DEVICE)
     out = finalize.finalize_tensor_stats(rows, None if raw.hist is None else raw.hist.to(DEVICE), None, spec)
     want, total = derive(raw.rows), merge_rows(raw.rows)
@@ -77,13 +79,13 @@ def test_tensor_fields_match_the_torch_derivation(count, spec):
 
 
 def test_total_of_finite_layers_keeps_a_finite_norm():
-    raw = torch_backend.raw_stats([torch.full((10,), 3e30), torch.ones(5)])
+    raw = raw_stats("torch", [torch.full((10,), 3e30), torch.ones(5)])
     out = finalize.finalize_tensor_stats(raw.rows.to(DEVICE), None, None, None)
     assert out["total_norms"][0].item() == pytest.approx(math.sqrt(10 * 9e60 + 5))
 
 
 def test_no_layers_at_all():
-    raw = torch_backend.raw_stats([])
+    raw = raw_stats("torch", [])
     out = finalize.finalize_tensor_stats(raw.rows.to(DEVICE), None, None, None)
     assert out["total"]["numel"].item() == 0 and out["total"]["l2"].item() == 0.0
     assert math.isnan(out["total"]["mean"].item())
@@ -113,10 +115,39 @@ def test_clip_coefficient_is_torchs(dtype, norm_type, max_norm):
     assert torch.equal(norm.cpu(), want_norm) and torch.equal(coef.cpu(), want_coef)
 
 
-def test_a_finalized_result_reaches_the_host_in_one_copy_per_packed_buffer():
+@pytest.mark.parametrize("spec", [HistSpec.make("log2"), HistSpec.make("linear", bins=8),
+                                  HistSpec.make("linear", bins=8, range=(-1.0, 1.0))], ids=str)
+def test_hist_sums_match_the_torch_derivation(spec):
+    tensors = layers(300)
+    tensors[4] = torch.tensor([-0.5, 0.25, 0.0])  # inside the fixed range
+    rows = fgs.tensor_stats(tensors, backend="torch").rows
+    out = finalize.finalize_tensor_stats(rows.to(DEVICE), None, None, spec)
+    want, want_total = derive_hist_sums(rows, spec.kind, spec.range), derive_hist_sums(merge_rows(rows),
+                                                                                        spec.kind, spec.range)
+    for name, value in want.items():
+        assert out["layers"][name].dtype == torch.float64
+        assert_field(name, out["layers"][name], value)
+        assert_field(f"total {name}", out["total"][name], want_total[name])
+    assert out["layers"]["hist_sum"][4].item() == pytest.approx(0.75 if spec.kind == "log2" else -0.25)
+    assert out["layers"]["hist_sum_squares"][4].item() == pytest.approx(0.3125)
+
+
+def test_without_a_histogram_there_are_no_hist_sums():
+    out = finalize.finalize_tensor_stats(fgs.tensor_stats(layers(5), backend="torch").rows.to(DEVICE), None,
+                                         None, None)
+    assert "hist_sum" not in out["layers"] and "hist_sum_squares" not in out["total"]
+
+
+def test_a_finalized_result_reaches_the_host_in_one_copy(monkeypatch):
+    copies = []
+    monkeypatch.setattr(results, "to_host", lambda packed: copies.append(packed) or packed.cpu())
     layers = [torch.randn(10, device=DEVICE), torch.randn(7, device=DEVICE)]
-    stats = fgs.tensor_stats(layers, backend="triton")
-    host = stats._host_derived()
-    assert set(host) == set(stats.FIELDS)
-    assert len({t.untyped_storage().data_ptr() for t in host.values()}) == 2  # floats and counts
-    assert all(torch.equal(host[f], getattr(stats, f).cpu()) for f in stats.FIELDS)
+    stats = fgs.tensor_stats(layers, backend="triton", hist="log2")
+    data = stats.to_dict()
+    stats.table()
+    assert len(copies) == 1
+    host = stats.cpu()
+    for field in (*stats.FIELDS, "hist_sum", "hist_sum_squares"):
+        assert torch.equal(getattr(host, field), getattr(stats, field).cpu())
+        assert data["layers"]["1"][field] == getattr(stats, field)[1].item()
+        assert data["total"][field] == getattr(stats.total, field).item()

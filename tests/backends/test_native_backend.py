@@ -15,8 +15,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import pair_rows, raw_stats
 
-from fastgradstats.backends import native_backend, torch_backend
+from fastgradstats.backends import native_backend
 from fastgradstats.hist import HistSpec
 from fastgradstats.rows import PAIR_K, derive
 
@@ -93,18 +94,18 @@ def poisoned_numpy(monkeypatch):
 @pytest.mark.parametrize("chunk_size", [7, 2048, 1 << 16])
 def test_raw_stats_equal_the_torch_backend(dtype, spec, specials, chunk_size):
     tensors = layers(dtype, specials)
-    got = native_backend.raw_stats(tensors, SPECS[spec], chunk_size=chunk_size)
-    assert_same_raw(got, torch_backend.raw_stats(tensors, SPECS[spec]))
+    got = raw_stats("native", tensors, SPECS[spec], chunk_size=chunk_size)
+    assert_same_raw(got, raw_stats("torch", tensors, SPECS[spec]))
 
 
 @pytest.mark.parametrize("spec", ["log2", "linear"])
 def test_results_do_not_depend_on_the_thread_count(monkeypatch, spec):
     tensors = layers(torch.float32, specials=False) + layers(torch.bfloat16, specials=True, seed=1)
-    one = native_backend.raw_stats(tensors, SPECS[spec], chunk_size=1000)
+    one = raw_stats("native", tensors, SPECS[spec], chunk_size=1000)
     monkeypatch.setattr(native_backend, "MIN_ELEMENTS_PER_THREAD", 1)
     for threads in (2, 5):
         monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
-        several = native_backend.raw_stats(tensors, SPECS[spec], chunk_size=1000)
+        several = raw_stats("native", tensors, SPECS[spec], chunk_size=1000)
         assert torch.equal(several.rows.nan_to_num(), one.rows.nan_to_num())
         assert torch.equal(several.hist, one.hist)
         assert several.total_hist is one.total_hist is None or torch.equal(several.total_hist, one.total_hist)
@@ -114,11 +115,11 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch, spec):
 def test_every_16_bit_pattern_converts_exactly(dtype):
     patterns = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
     finite = patterns[patterns.isfinite()]
-    rows = native_backend.pair_raw_stats([finite], [finite.float()])
+    rows = pair_rows("native", [finite], [finite.float()])
     assert rows[0, 4].item() == 0.0  # Σ(a - b)² with b converted by torch
     every_exponent = HistSpec.make("log2", min_exp=-126, max_exp=127)
-    got = native_backend.raw_stats([patterns], every_exponent)
-    assert_same_raw(got, torch_backend.raw_stats([patterns], every_exponent))
+    got = raw_stats("native", [patterns], every_exponent)
+    assert_same_raw(got, raw_stats("torch", [patterns], every_exponent))
 
 
 @pytest.mark.usefixtures("many_threads", "poisoned_numpy")
@@ -129,8 +130,8 @@ def test_pair_rows_equal_the_torch_backend(with_origin, chunk_size):
     b = [t.to(dtype) for t, dtype in zip(layers(torch.float32, False, seed=3), DTYPES * 3)]
     origin = [t.to(dtype) for t, dtype in zip(layers(torch.float32, False, seed=4), DTYPES[::-1] * 3)]
     origin = origin if with_origin else None
-    got = native_backend.pair_raw_stats(a, b, origin, chunk_size=chunk_size)
-    want = torch_backend.pair_raw_stats(a, b, origin)
+    got = pair_rows("native", a, b, origin, chunk_size=chunk_size)
+    want = pair_rows("torch", a, b, origin)
     assert got.shape == (len(a), PAIR_K) and got.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-9)
 
@@ -139,14 +140,21 @@ def test_transposed_and_strided_views_read_their_own_elements():
     generator = torch.Generator().manual_seed(5)
     weight = torch.randn(300, 70, generator=generator)
     views = [weight.t(), weight[::3], weight[:, 5:9]]
-    got = native_backend.raw_stats(views, SPECS["log2"])
-    assert_same_raw(got, native_backend.raw_stats([v.contiguous() for v in views], SPECS["log2"]))
-    assert_same_raw(got, torch_backend.raw_stats(views, SPECS["log2"]))
+    got = raw_stats("native", views, SPECS["log2"])
+    assert_same_raw(got, raw_stats("native", [v.contiguous() for v in views], SPECS["log2"]))
+    assert_same_raw(got, raw_stats("torch", views, SPECS["log2"]))
 
 
 def test_non_cpu_tensors_are_refused():
+    with pytest.raises(ValueError, match="backend 'native' needs CPU tensors, got meta"):
+        raw_stats("native", [torch.empty(3, device="meta")])
     with pytest.raises(ValueError, match="the native backend needs CPU tensors, got meta"):
-        native_backend.raw_stats([torch.empty(3, device="meta")])
+        native_backend.raw_rows([torch.empty(3, device="meta")])
+
+
+def test_non_contiguous_tensors_are_refused_by_the_kernels_guard():
+    with pytest.raises(ValueError, match="reads contiguous tensors"):
+        native_backend.raw_rows([torch.ones(4, 4)[:, 0]])
 
 
 @pytest.fixture
@@ -171,8 +179,10 @@ def test_a_failing_compiler_is_reported_not_raised(fresh_build, monkeypatch):
     with pytest.warns(RuntimeWarning, match="native CPU backend is unavailable"):
         assert not native_backend.available()
     assert native_backend.unavailable_reason().startswith("compiling native_stats.c failed")
+    with pytest.raises(ValueError, match="backend 'native' is unavailable: compiling"):
+        raw_stats("native", [torch.ones(3)])
     with pytest.raises(RuntimeError, match="the native backend is unavailable: compiling"):
-        native_backend.raw_stats([torch.ones(3)])
+        native_backend.raw_rows([torch.ones(3)])
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -180,13 +190,13 @@ def test_a_forked_child_computes_with_its_own_threads(many_threads):
     # Ranges long enough that the parent's pool starts all three threads; once they are idle, a child that
     # reused that pool (whose threads it does not have) would wait forever.
     tensors = [torch.randn(1 << 22) for _ in range(3)]
-    want = native_backend.raw_stats(tensors).rows
+    want = raw_stats("native", tensors).rows
     time.sleep(0.2)
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:
         signal.alarm(10)  # a hung child dies, and the parent reads nothing
-        rows = native_backend.raw_stats(tensors).rows
+        rows = raw_stats("native", tensors).rows
         os.write(writer, b"1" if torch.equal(rows.nan_to_num(), want.nan_to_num()) else b"0")
         os._exit(0)
     os.close(writer)
@@ -197,7 +207,7 @@ def test_a_forked_child_computes_with_its_own_threads(many_threads):
 def test_cc_may_carry_arguments(fresh_build, monkeypatch):
     monkeypatch.setenv("CC", "cc -DFASTGRADSTATS_UNUSED=1")
     assert native_backend.available(), native_backend.unavailable_reason()
-    assert native_backend.raw_stats([torch.ones(3)]).rows[0, 1].item() == 3.0
+    assert raw_stats("native", [torch.ones(3)]).rows[0, 1].item() == 3.0
 
 
 def test_linear_total_counts_do_not_wrap_past_2_to_the_32():

@@ -71,8 +71,7 @@ def test_variants_yield_name_kernel_signature_constexprs_and_warps(compiled):
     assert signature["tensor_table"] == "*i64" and "BLOCK" in constexprs
 
 
-STREAMING_FAMILIES = ("tensor_stats", "tensor_stats_log2", "tensor_stats_ranges", "pair_stats",
-                      "pair_stats_origin")
+STREAMING_FAMILIES = ("tensor_stats", "tensor_stats_log2", "pair_stats", "pair_stats_origin")
 LINEAR_FAMILIES = ("tensor_stats_linear", "linear_hist")
 
 
@@ -92,8 +91,17 @@ def test_streaming_statistics_are_predicted_near_the_read_floor(compiled, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_the_rows_pass_before_a_data_range_histogram_is_the_plain_statistics_kernel(compiled, arch):
+    """dispatch runs the rows pass of a linear histogram over data ranges with no histogram: the same
+    specialization as tensor_stats (one compile less), then the linear_hist pass."""
+    for dtype in DTYPES:
+        assert f"tensor_stats_ranges[{dtype}]" not in compiled[arch]
+        assert f"linear_hist[{dtype}]" in compiled[arch]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_statistics_without_histogram_have_no_barrier_in_their_loop(compiled, arch):
-    for family in ("tensor_stats", "tensor_stats_ranges", "pair_stats", "pair_stats_origin"):
+    for family in ("tensor_stats", "pair_stats", "pair_stats_origin"):
         for dtype in DTYPES:
             assert compiled[arch][f"{family}[{dtype}]"]["barriers_per_iteration"] == 0, (family, dtype)
 

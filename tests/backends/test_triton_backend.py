@@ -8,18 +8,18 @@ or partial the kernels fail to write shows up in the comparison.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import raw_stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastgradstats as fgs
-from fastgradstats.backends import torch_backend
-from fastgradstats.dense import flat_elements
 from fastgradstats.hist import HistSpec
 from fastgradstats.rows import FMAX, NEG_FMIN, RawStats, derive, empty_rows
 
@@ -125,8 +125,7 @@ def launches(monkeypatch: pytest.MonkeyPatch) -> dict[str, CountingKernel]:
 
 
 def triton_raw(tensors, spec, chunk_size=CHUNK, block_size=BLOCK) -> RawStats:
-    return kernel_module.raw_stats([flat_elements(t) for t in tensors], spec, chunk_size=chunk_size,
-                                   block_size=block_size)
+    return raw_stats("triton", tensors, spec, chunk_size=chunk_size, block_size=block_size)
 
 
 def make_layer(size: int, dtype: torch.dtype, seed: int, specials=()) -> torch.Tensor:
@@ -209,7 +208,7 @@ def test_raw_stats_match_torch_backend(spec_name, dtype, poison):
     spec = SPECS[spec_name]
     dtypes = DTYPES if dtype == "mixed" else (dtype,)
     tensors = make_layers(dtypes)
-    want = torch_backend.raw_stats(tensors, spec)
+    want = raw_stats("torch", tensors, spec)
     got = poison(triton_raw, tensors, spec)
     assert len(poison.allocations) >= 2  # the rows and the chunk partials were poisoned
     assert_raw_match(got, want, max(RTOL[d] for d in dtypes))
@@ -227,7 +226,7 @@ def test_sizes_straddling_chunk_boundaries_at_every_alignment(poison):
             tensors.append(base[start:start + size])
             start += size
     assert {t.data_ptr() % 16 for t in tensors} == {0, 2, 6, 14}
-    want = torch_backend.raw_stats(tensors, spec)
+    want = raw_stats("torch", tensors, spec)
     assert_raw_match(poison(triton_raw, tensors, spec), want)
 
 
@@ -244,7 +243,7 @@ def test_views_not_16_byte_aligned(spec_name, poison):
         torch.randn(64, generator=g).to(torch.float16).to(DEVICE)[7:7],
     ]
     assert all(t.data_ptr() % 16 for t in tensors[:-1])
-    want = torch_backend.raw_stats(tensors, spec)
+    want = raw_stats("torch", tensors, spec)
     assert_raw_match(poison(triton_raw, tensors, spec), want)
 
 
@@ -257,7 +256,7 @@ def test_empty_tensors_keep_their_slot(spec_name, poison):
     with_empties = [empty32, a, empty32, b, empty16, d, c, empty32]
     kept = [1, 3, 5, 6]
     got = poison(triton_raw, with_empties, spec)
-    want = torch_backend.raw_stats(with_empties, spec)
+    want = raw_stats("torch", with_empties, spec)
     assert_raw_match(got, want)
     # The non-empty layers' rows do not move or change when empty tensors sit between them.
     alone = triton_raw([a, b, d, c], spec)
@@ -272,7 +271,7 @@ def test_all_layers_empty(poison):
     tensors = [torch.empty(0, device=DEVICE), torch.empty(0, 3, dtype=torch.bfloat16, device=DEVICE)]
     for spec in (None, SPECS["linear"]):
         got = poison(triton_raw, tensors, spec)
-        assert_raw_match(got, torch_backend.raw_stats(tensors, spec))
+        assert_raw_match(got, raw_stats("torch", tensors, spec))
         assert torch.equal(got.rows.cpu(), empty_rows(2))
 
 
@@ -294,7 +293,7 @@ def test_nan_inf_and_zero_layers(dtype, poison):
     ]
     tensors = [torch.tensor(values, dtype=dtype, device=DEVICE) for values in layers]
     for spec in (None, SPECS["log2"], SPECS["linear"]):
-        want = torch_backend.raw_stats(tensors, spec)
+        want = raw_stats("torch", tensors, spec)
         assert_raw_match(poison(triton_raw, tensors, spec), want)
 
 
@@ -307,7 +306,7 @@ def test_log2_bins_clamp_subnormals_and_large_values(poison):
         torch.tensor([6e-8, -1e-5, 1e-3, 65504.0, 0.25] * 4, dtype=torch.float16, device=DEVICE),
         torch.tensor([1e-38, 1e17, -2.0**-10, 2.0**3] * 5, dtype=torch.bfloat16, device=DEVICE),
     ]
-    want = torch_backend.raw_stats(tensors, spec)
+    want = raw_stats("torch", tensors, spec)
     assert_raw_match(poison(triton_raw, tensors, spec), want)
 
 
@@ -317,7 +316,7 @@ def test_linear_bins_follow_histc_edge_rules(poison):
     outside = torch.tensor([-1.5, 1.0000001, 3.0, -1.0000001, NAN, INF])
     x = torch.cat([edges, outside, edges.flip(0)]).to(DEVICE)
     got = poison(triton_raw, [x], spec)
-    assert_raw_match(got, torch_backend.raw_stats([x], spec))
+    assert_raw_match(got, raw_stats("torch", [x], spec))
     finite = x[x.isfinite()].cpu()
     assert torch.equal(got.hist[0].cpu(), torch.histc(finite, bins=8, min=-1, max=1).to(torch.int64))
 
@@ -325,7 +324,7 @@ def test_linear_bins_follow_histc_edge_rules(poison):
 def test_linear_histogram_with_one_bin(poison):
     x = torch.randn(45, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     for spec in (HistSpec.make("linear", bins=1), HistSpec.make("linear", bins=1, range=(-0.5, 0.5))):
-        assert_raw_match(poison(triton_raw, [x, x[:3]], spec), torch_backend.raw_stats([x, x[:3]], spec))
+        assert_raw_match(poison(triton_raw, [x, x[:3]], spec), raw_stats("torch", [x, x[:3]], spec))
 
 
 @settings(max_examples=8)
@@ -348,7 +347,7 @@ def test_random_layer_lists_match_torch_backend(layers, spec_name, seed):
         base = make_layer(size + offset, dtype, seed + i)
         tensors.append(base[offset:])
     spec = SPECS[spec_name]
-    assert_raw_match(triton_raw(tensors, spec), torch_backend.raw_stats(tensors, spec))
+    assert_raw_match(triton_raw(tensors, spec), raw_stats("torch", tensors, spec))
 
 
 # ----------------------------------------------------------------------------------------------- accuracy
@@ -370,8 +369,8 @@ def test_sums_accurate_when_a_chunk_starts_with_an_outlier(poison):
     x = torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 1e-3
     x[0] = 100.0
     x = x.to(DEVICE)
-    got = poison(kernel_module.raw_stats, [x], None)
-    assert_rows_match(got.rows, torch_backend.raw_stats([x]).rows)
+    got = poison(functools.partial(raw_stats, "triton"), [x], None)
+    assert_rows_match(got.rows, raw_stats("torch", [x]).rows)
 
 
 # ----------------------------------------------------------------------------------------- launch counts
@@ -394,7 +393,7 @@ def test_launches_per_dtype_group_do_not_grow_with_layers(spec_name, launches):
     tensors = [make_layer(size, torch.float32, i) for i, size in enumerate(sizes)]
     got = triton_raw(tensors, spec)
     assert launch_count(launches) == {"_chunk_kernel": chunk_launches, "_merge_kernel": 1}
-    assert_raw_match(got, torch_backend.raw_stats(tensors, spec))
+    assert_raw_match(got, raw_stats("torch", tensors, spec))
 
 
 @pytest.mark.parametrize("spec_name", ["none", "linear"])
@@ -419,7 +418,7 @@ def test_group_of_empty_tensors_launches_only_the_merge(spec_name, launches):
     ]
     got = triton_raw(tensors, spec)
     assert launch_count(launches) == {"_chunk_kernel": chunk_launches, "_merge_kernel": 2}
-    assert_raw_match(got, torch_backend.raw_stats(tensors, spec))
+    assert_raw_match(got, raw_stats("torch", tensors, spec))
 
 
 @pytest.mark.parametrize("spec_name", ["none", "log2"])
@@ -427,8 +426,8 @@ def test_the_default_configuration_matches_torch_backend(spec_name, poison):
     """The tile and chunk sizes the package launches (not the tests' tiny ones), at an unaligned start."""
     tensors = [make_layer(200_003, dtype, seed, ((7, 0.0), (150_000, float("inf"))))[1:]
                for seed, dtype in enumerate((torch.float32, torch.bfloat16))]
-    got = poison(kernel_module.raw_stats, tensors, SPECS[spec_name])
-    want = torch_backend.raw_stats([t.cpu() for t in tensors], SPECS[spec_name])
+    got = poison(functools.partial(raw_stats, "triton"), tensors, SPECS[spec_name])
+    want = raw_stats("torch", [t.cpu() for t in tensors], SPECS[spec_name])
     assert_rows_match(got.rows, want.rows)
     if want.hist is not None:
         assert torch.equal(got.hist.cpu(), want.hist)
@@ -535,7 +534,7 @@ def test_public_api_values_match_float64_numpy():
 def test_bad_block_or_chunk_sizes_raise(chunk_size, block_size):
     x = torch.randn(20, device=DEVICE)
     with pytest.raises(ValueError, match="chunk_size"):
-        kernel_module.raw_stats([x], None, chunk_size=chunk_size, block_size=block_size)
+        raw_stats("triton", [x], None, chunk_size=chunk_size, block_size=block_size)
 
 
 
