@@ -131,9 +131,10 @@ class OptimizerStats:
             layers.update({f"{kind}/{name}": values for name, values in data["layers"].items()})
             totals[kind] = data["total"]
         if self._update is not None:
-            for name, ratio in zip(self._update.names, self.update_ratio.tolist()):
+            pairs = self._update_pairs.cpu()  # the host copy (shared with a Monitor record's snapshot)
+            for name, ratio in zip(self._update.names, (pairs.dist / pairs.b_l2).tolist()):
                 layers[f"update/{name}"]["ratio"] = ratio
-            totals["update"]["ratio"] = self.update_ratio_total.item()
+            totals["update"]["ratio"] = (pairs.total.dist / pairs.total.b_l2).tolist()
         return {"layers": layers, "total": None, "totals": totals}
 
 

@@ -2,6 +2,11 @@
 
 Rows from the Triton kernels are derived by one finalize kernel (every field of every layer and of the total
 at once, so reading a field is a view); rows from the other backends lazily by :func:`~.rows.derive`.
+Every derived number a consumer shows (monitor, sinks, plots, integrations) is a field here.
+
+Reaching the host: :func:`host_snapshot` packs any set of device tensors into one byte buffer on the device
+and copies it with one :func:`to_host` call; ``stats.cpu()`` (and so ``to_dict``, ``table`` and
+``split_summary``) copies every tensor of a result that way once and keeps the host copy.
 """
 
 from __future__ import annotations
@@ -9,15 +14,64 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Self
 
 import torch
 
 from .hist import HistSpec, linear_edges, linear_ranges, log2_edges
-from .rows import RawStats, derive, derive_pair, l2_norm, linf_norm, merge_pair_rows, merge_rows
+from .rows import (
+    RawStats,
+    derive,
+    derive_hist_sums,
+    derive_pair,
+    l2_norm,
+    linf_norm,
+    merge_pair_rows,
+    merge_rows,
+)
 
 SUMMARIZE_SPLITS = 16
 """By default, table() and the sinks summarise a split layer with more than this many parts."""
+
+
+def to_host(packed: torch.Tensor) -> torch.Tensor:
+    """The one device-to-host copy of a snapshot: ``packed`` (uint8 [bytes], on any device) on the CPU
+    (itself when it is there already)."""
+    return packed.cpu()
+
+
+def host_snapshot(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Host copies of ``tensors`` (any shapes and dtypes, bool included) in one device-to-host copy per
+    device they are on (one in practice): their bytes are packed into one uint8 buffer on the device (a
+    ``torch.cat``, widest dtypes first so every piece stays aligned), copied by :func:`to_host`, and viewed
+    back as tensors of the original shapes and dtypes (views of that host buffer, contiguous). No sync
+    before the copy.
+
+        grad_l2, alert_flag = host_snapshot([stats.l2, flags["dead"]])   # one copy, two host tensors
+    """
+    host: list[torch.Tensor | None] = [None] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        indices = sorted(indices, key=lambda i: -tensors[i].element_size())
+        pieces = [_bytes(tensors[i]) for i in indices]
+        packed = to_host(torch.cat(pieces))
+        start = 0
+        for i, piece in zip(indices, pieces):
+            end = start + piece.numel()
+            host[i] = packed[start:end].view(tensors[i].dtype).view(tensors[i].shape)
+            start = end
+    return host
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """uint8 [bytes] of ``t``'s elements in row-major order (a view when ``t`` is contiguous)."""
+    flat = t.detach().reshape(-1).contiguous()
+    if flat.numel() <= 1:  # a one-element view may keep any stride, which view(uint8) refuses
+        flat = flat.as_strided((flat.numel(),), (1,))
+    return flat.view(torch.uint8)
 
 
 class _Derived:
@@ -46,12 +100,11 @@ class LayerStats:
         self.names = names
         self._total = total
         self.splits: dict[str, range] = {}  # split layer name -> its parts' row indices (see split=)
-        self._precomputed = derived is not None
+        self._host_twin: LayerStats | None = None  # cpu()'s result, once made
         if derived is not None:  # already derived (by the finalize kernel): no lazy derivation
             self.__dict__["_derived"] = derived
 
-    @staticmethod
-    def _derive(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _derive(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     @functools.cached_property
@@ -105,38 +158,67 @@ class LayerStats:
         return f"{type(self).__name__}({len(self)} layers on {self.rows.device})"
 
     def to_dict(self) -> dict:
-        """Plain Python values: ``{"layers": {name: {field: value}}, "total": {field: value}}``.
+        """Plain Python values: ``{"layers": {name: {field: value}}, "total": {field: value}}`` (ints for
+        the int64 counts, floats for the rest).
 
-        This is the call that syncs with the device (copies of the raw rows to the host).
+        This is the call that syncs with the device: it reads :meth:`cpu`, so every number of the result
+        reaches the host in one copy, once; each call builds a new dict from that host copy.
         """
-        host = self._on_host()
-        result = {"layers": {name: host._layer_dict(i) for i, name in enumerate(self.names)}, "total": None}
-        if self._total is not None:
-            result["total"] = self._total._on_host()._layer_dict(0)
+        host = self.cpu()
+        layers = host._columns()
+        result = {"layers": {name: {key: values[i] for key, values in layers.items()}
+                             for i, name in enumerate(self.names)}, "total": None}
+        if host._total is not None:
+            result["total"] = {key: values[0] for key, values in host._total._columns().items()}
         return result
 
-    def _on_host(self) -> LayerStats:
-        return type(self)(self.rows.cpu(), self.names, derived=self._host_derived())
+    def _columns(self) -> dict[str, list]:
+        """What ``to_dict`` shows of each layer of this host result: key -> a value per layer."""
+        return {field: self._derived[field].reshape(-1).tolist() for field in self.FIELDS}
 
-    def _host_derived(self) -> dict[str, torch.Tensor] | None:
-        """Precomputed fields copied to the host (the very values the device fields hold), one copy per
-        buffer they view (the finalize kernel packs them into two); None for lazily derived fields, which
-        the host derives again from the copied rows by the same formulas (one copy in all)."""
-        if not self._precomputed:
-            return None
-        host_bases: dict[int, torch.Tensor] = {}
-        host = {}
-        for name, value in self._derived.items():
-            base = value if value._base is None else value._base
-            if id(base) not in host_bases:
-                host_bases[id(base)] = base.cpu()
-            offset = value.storage_offset() - base.storage_offset()
-            host[name] = host_bases[id(base)].as_strided(value.shape, value.stride(), offset)
-        return host
+    def cpu(self) -> Self:
+        """These statistics with every tensor on the host: rows, derived fields (and histograms) of the
+        layers and of the total, copied in one device-to-host copy (:func:`host_snapshot`) the first time
+        and kept (later calls return the same object; a result on the CPU is copied once too). Nothing else
+        syncs: reading the device fields never does."""
+        if self._host_twin is None:
+            values = self._snapshot_values()
+            self._adopt_host(dict(zip(values, host_snapshot(list(values.values())))))
+        return self._host_twin
 
-    def _layer_dict(self, i: int) -> dict:
-        index = () if self.rows.dim() == 1 else (i,)
-        return {field: self._derived[field][index].item() for field in self.FIELDS}
+    def _snapshot_values(self) -> dict[str, torch.Tensor]:
+        """The device tensors :meth:`cpu` copies, by key: this object's own, then the total's ("total/...").
+
+        Callers that copy several results at once (``StepRecord.to_dict``) pack these and hand the host
+        copies to :meth:`_adopt_host`."""
+        values = self._own_values()
+        if self._total is not None:
+            values.update({f"total/{key}": value for key, value in self._total._own_values().items()})
+        return values
+
+    def _own_values(self) -> dict[str, torch.Tensor]:
+        return {"rows": self.rows, **self._derived}
+
+    def _adopt_host(self, host: dict[str, torch.Tensor]) -> None:
+        """Keep the host copies ``host`` of :meth:`_snapshot_values` as this result's :meth:`cpu` twin."""
+        own = {key: value for key, value in host.items() if not key.startswith("total/")}
+        total = None
+        if self._total is not None:
+            prefix = len("total/")
+            total = self._total._host_copy({key[prefix:]: value for key, value in host.items()
+                                            if key.startswith("total/")}, None)
+            self._total._host_twin = total
+        self._host_twin = self._host_copy(own, total)
+
+    def _host_copy(self, values: dict[str, torch.Tensor], total: LayerStats | None) -> Self:
+        """A result like this one built from host copies ``values`` of :meth:`_own_values` (its own twin)."""
+        twin = self._from_values(values, total)
+        twin.splits = self.splits
+        twin._host_twin = twin
+        return twin
+
+    def _from_values(self, values: dict[str, torch.Tensor], total: LayerStats | None) -> Self:
+        return type(self)(values.pop("rows"), self.names, total, derived=values)
 
     def _dead(self, derived: dict[str, torch.Tensor]) -> torch.Tensor:
         """bool [L]: the layers that count as dead in :meth:`split_summary`."""
@@ -144,7 +226,8 @@ class LayerStats:
 
     def split_summary(self, k: int = 3, field: str | None = None,
                       layers: Iterable[str] | None = None) -> dict[str, dict]:
-        r"""A short summary of each layer split with ``split=``, instead of one row per part (syncs once).
+        r"""A short summary of each layer split with ``split=``, instead of one row per part (reads
+        :meth:`cpu`: syncs once, or not at all after ``to_dict``).
 
         For each split layer (all of them, or those named in ``layers``), in order::
 
@@ -183,9 +266,9 @@ class LayerStats:
                            f"split layers: {list(self.splits)}")
         if not names:
             return {}
-        derived = self._derived
-        values = derived[field].detach().to("cpu", torch.float64).tolist()
-        dead = self._dead(derived).cpu().tolist()
+        derived = self.cpu()._derived
+        values = derived[field].to(torch.float64).tolist()
+        dead = self._dead(derived).tolist()
         return {name: self._summary_of(self.splits[name], values, dead, field, k) for name in names}
 
     def _summary_of(self, rows: range, values: list[float], dead: list[bool], field: str, k: int) -> dict:
@@ -236,15 +319,21 @@ class TensorStats(LayerStats):
     """Statistics of L layers. Every field is a tensor of shape [L] on the input device (0-d for ``total``).
 
     numel, zeros, nonfinite: int64 counts (nonfinite counts NaN and ±Inf).
-    sum, mean, std (population), l1, l2, linf (max |x|), min, max: float32, accumulated in float32 within
-    chunks and float64 across them. NaN in a layer makes these NaN; Inf makes l1/l2/linf inf.
-    hist: int64 [L, B] or None; hist_edges: float32 [B + 1] (log2) or [L, B + 1] (linear).
+    sum, mean, mean_abs (Σ|x| / numel), std (population), l1, l2, linf (max |x|), min, max: float32,
+    accumulated in float32 within chunks and float64 across them. NaN in a layer makes these NaN; Inf makes
+    l1/l2/linf/mean_abs inf; an empty layer has NaN mean, mean_abs, std, min and max.
+    hist: int64 [L, B] or None; hist_edges: float32 [B + 1] (log2) or [L, B + 1] (linear); spec: the
+    HistSpec that made them (``spec.kind`` "log2" or "linear"; None without a histogram).
+    hist_sum, hist_sum_squares: float64 [L] (None without a histogram): Σ and Σ² of the values the histogram
+    bins (Σ|x| for log2, whose bins are of |x|; Σx for linear), as TensorBoard's ``add_histogram_raw``
+    wants them; NaN for a layer with NaN/Inf values (see :func:`~.rows.derive_hist_sums`).
     total: the same statistics over all layers together (global norm, global histogram).
     """
 
     numel = _Derived()
     sum = _Derived()
     mean = _Derived()
+    mean_abs = _Derived()
     std = _Derived()
     l1 = _Derived()
     l2 = _Derived()
@@ -254,10 +343,10 @@ class TensorStats(LayerStats):
     zeros = _Derived()
     nonfinite = _Derived()
 
-    FIELDS = ("numel", "sum", "mean", "std", "l1", "l2", "linf", "min", "max", "zeros", "nonfinite")
+    FIELDS = ("numel", "sum", "mean", "std", "l1", "l2", "linf", "min", "max", "zeros", "nonfinite",
+              "mean_abs")
     TABLE_FIELDS = ("numel", "l2", "mean", "std", "min", "max", "linf", "zeros", "nonfinite")
     RANK_FIELD = "l2"
-    _derive = staticmethod(derive)
 
     def __init__(
         self,
@@ -268,11 +357,29 @@ class TensorStats(LayerStats):
         total: TensorStats | None = None,
         derived: dict[str, torch.Tensor] | None = None,
         norms: torch.Tensor | None = None,
+        spec: HistSpec | None = None,
     ) -> None:
         super().__init__(rows, names, total, derived)
         self.hist = hist
         self.hist_edges = hist_edges
+        self.spec = None if hist is None else spec
         self._norms = norms
+
+    def _derive(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        derived = derive(rows)
+        if self.spec is not None:
+            derived.update(derive_hist_sums(rows, self.spec.kind, self.spec.range))
+        return derived
+
+    @property
+    def hist_sum(self) -> torch.Tensor | None:
+        """float64 [L] Σ of the values the histogram bins (Σ|x| for log2, Σx for linear); None without one."""
+        return self._derived.get("hist_sum")
+
+    @property
+    def hist_sum_squares(self) -> torch.Tensor | None:
+        """float64 [L] Σx² of the values the histogram bins; None without a histogram."""
+        return self._derived.get("hist_sum_squares")
 
     @classmethod
     def from_raw(cls, raw: RawStats, names: list[str], spec: HistSpec | None) -> TensorStats:
@@ -289,8 +396,8 @@ class TensorStats(LayerStats):
             hist, edges = raw.hist, linear_edges(ranges[:-1], spec.bins)
             total_hist = raw.hist.sum(0) if raw.total_hist is None else raw.total_hist
             total_edges = linear_edges(ranges[-1], spec.bins)
-        total = cls(merge_rows(rows), ["total"], total_hist, total_edges)
-        return cls(rows, names, hist, edges, total)
+        total = cls(merge_rows(rows), ["total"], total_hist, total_edges, spec=spec)
+        return cls(rows, names, hist, edges, total, spec=spec)
 
     @classmethod
     def _finalized(cls, raw: RawStats, names: list[str], spec: HistSpec | None) -> TensorStats:
@@ -303,8 +410,8 @@ class TensorStats(LayerStats):
             ranges = linear_ranges(spec, raw.rows)
             edges, total_edges = linear_edges(ranges[:-1], spec.bins), linear_edges(ranges[-1], spec.bins)
         total = cls(out["total_row"], ["total"], out["total_hist"], total_edges, derived=out["total"],
-                    norms=out["total_norms"])
-        return cls(raw.rows, names, raw.hist, edges, total, derived=out["layers"])
+                    norms=out["total_norms"], spec=spec)
+        return cls(raw.rows, names, raw.hist, edges, total, derived=out["layers"], spec=spec)
 
     @property
     def finalized(self) -> bool:
@@ -332,26 +439,39 @@ class TensorStats(LayerStats):
                 total_hist = hist.sum(0)
             else:
                 edges = self.hist_edges[rows]
-        total = TensorStats(merge_rows(self.rows[rows]), ["total"], total_hist, total_edges)
+        total = TensorStats(merge_rows(self.rows[rows]), ["total"], total_hist, total_edges, spec=self.spec)
         derived = {field: value[rows] for field, value in self._derived.items()}
-        return TensorStats(self.rows[rows], self.names[rows], hist, edges, total, derived=derived)
+        return TensorStats(self.rows[rows], self.names[rows], hist, edges, total, derived=derived,
+                           spec=self.spec)
 
     def _dead(self, derived: dict[str, torch.Tensor]) -> torch.Tensor:
         return (derived["numel"] > 0) & (derived["zeros"] == derived["numel"])
 
-    def _on_host(self) -> TensorStats:
-        return TensorStats(self.rows.cpu(), self.names, _cpu(self.hist), _cpu(self.hist_edges),
-                           derived=self._host_derived())
-
-    def _layer_dict(self, i: int) -> dict:
-        """Histograms appear as "hist" (list of int) and "hist_edges" (list of float) when present."""
-        values = super()._layer_dict(i)
+    def _own_values(self) -> dict[str, torch.Tensor]:
+        values = super()._own_values()
         if self.hist is not None:
-            index = () if self.rows.dim() == 1 else (i,)
-            values["hist"] = self.hist[index].tolist()
-            edges = self.hist_edges if self.hist_edges.dim() == 1 else self.hist_edges[i]
-            values["hist_edges"] = edges.tolist()
+            values.update(hist=self.hist, hist_edges=self.hist_edges)
         return values
+
+    def _from_values(self, values: dict[str, torch.Tensor], total: LayerStats | None) -> TensorStats:
+        rows, hist, edges = values.pop("rows"), values.pop("hist", None), values.pop("hist_edges", None)
+        return TensorStats(rows, self.names, hist, edges, total, derived=values, spec=self.spec)
+
+    def _columns(self) -> dict[str, list]:
+        """With a histogram, also "hist" (list of int), "hist_edges" (list of float), "hist_sum",
+        "hist_sum_squares" (float) and "hist_kind" ("log2" or "linear")."""
+        columns = super()._columns()
+        if self.hist is not None:
+            count = self.hist.shape[0] if self.hist.dim() == 2 else 1
+            edges = self.hist_edges.tolist()
+            columns.update(
+                hist=self.hist.reshape(count, -1).tolist(),
+                hist_edges=[list(edges) for _ in range(count)] if self.hist_edges.dim() == 1 else edges,
+                hist_sum=self.hist_sum.reshape(-1).tolist(),
+                hist_sum_squares=self.hist_sum_squares.reshape(-1).tolist(),
+                hist_kind=[self.spec.kind] * count,
+            )
+        return columns
 
 
 class PairStats(LayerStats):
@@ -359,8 +479,10 @@ class PairStats(LayerStats):
     b' = b - o.
 
     Fields, tensors of shape [L] on the input device (0-d for ``total``): numel (int64), dot (Σa'b'), a_l2,
-    b_l2 (norms of a', b'), cos (dot / (max(a_l2, 1e-8) · max(b_l2, 1e-8)), as F.cosine_similarity), dist
-    (‖a - b‖, from the differences themselves), all float32. ``total`` treats all layers as one flat vector.
+    b_l2 (norms of a', b'), cos (dot / (max(a_l2, 1e-8) · max(b_l2, 1e-8)), as F.cosine_similarity: 0 when
+    a' or b' is a zero vector), dist (‖a - b‖, from the differences themselves), ratio (dist / a_l2 =
+    ‖a - b‖ / ‖a'‖, the update-to-weight ratio ‖Δθ‖ / ‖θ‖ of Monitor's "update"; +inf when a' = 0 ≠ a - b,
+    NaN when both are 0), all float32. ``total`` treats all layers as one flat vector.
     """
 
     numel = _Derived()
@@ -369,11 +491,14 @@ class PairStats(LayerStats):
     b_l2 = _Derived()
     cos = _Derived()
     dist = _Derived()
+    ratio = _Derived()
 
-    FIELDS = ("numel", "dot", "a_l2", "b_l2", "cos", "dist")
+    FIELDS = ("numel", "dot", "a_l2", "b_l2", "cos", "dist", "ratio")
     TABLE_FIELDS = FIELDS
     RANK_FIELD = "dist"
-    _derive = staticmethod(derive_pair)
+
+    def _derive(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return derive_pair(rows)
 
     @classmethod
     def from_rows(cls, rows: torch.Tensor, names: list[str], triton: bool = False) -> PairStats:
@@ -394,10 +519,6 @@ class PairStats(LayerStats):
         derived = {field: value[rows] for field, value in self._derived.items()}
         total = PairStats(merge_pair_rows(self.rows[rows]), ["total"])
         return PairStats(self.rows[rows], self.names[rows], total, derived=derived)
-
-
-def _cpu(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.cpu()
 
 
 def _cell(value: float) -> str:

@@ -112,9 +112,10 @@ def derive(rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Derive the user-facing statistics from raw rows [..., K]; every result has shape [...].
 
     Float results are float32, counts int64. Semantics follow torch on the same elements: a NaN makes
-    sum, mean, std, l1, l2, linf, min and max NaN; an Inf makes l1/l2/linf inf. Empty layers give
-    numel 0, zero sums and norms, NaN mean/std/min/max. The variance is M2/N and l2 = sqrt(M2 + (Σx)²/N),
-    a sum of two non-negative terms, so neither loses precision when |mean| ≫ std.
+    sum, mean, mean_abs, std, l1, l2, linf, min and max NaN; an Inf makes l1/l2/linf/mean_abs inf. Empty
+    layers give numel 0, zero sums and norms, NaN mean/mean_abs/std/min/max. mean_abs is Σ|x| / N. The
+    variance is M2/N and l2 = sqrt(M2 + (Σx)²/N), a sum of two non-negative terms, so neither loses
+    precision when |mean| ≫ std.
     """
     n = rows[..., N]
     has_nan = rows[..., ABSSUM].isnan()
@@ -135,6 +136,7 @@ def derive(rows: torch.Tensor) -> dict[str, torch.Tensor]:
         "numel": n.to(torch.int64),
         "sum": rows[..., SUM].to(f32),
         "mean": mean.to(f32),
+        "mean_abs": (rows[..., ABSSUM] / n).to(f32),
         "std": var.sqrt().to(f32),
         "l1": rows[..., ABSSUM].to(f32),
         "l2": l2_norm(rows).to(f32),
@@ -172,17 +174,49 @@ def derive_pair(rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Derive pair statistics from pair rows [..., PAIR_K]; every result has shape [...] (float32, numel
     int64).
 
-    cos = dot / (max(|a'|, eps) · max(|b'|, eps)), which is ``torch.nn.functional.cosine_similarity`` of the
-    flattened a', b' (0 for a zero vector).
+    cos = dot / (max(|a'|, eps) · max(|b'|, eps)) with eps = :data:`COSINE_EPS` (1e-8), which is
+    ``torch.nn.functional.cosine_similarity`` of the flattened a', b': 0 when either is a zero vector (or
+    the layer is empty). ratio = ‖a - b‖ / ‖a'‖ (dist / a_l2, divided in float64): the update-to-weight
+    ratio ‖Δθ‖ / ‖θ‖ when a is θ now and b θ before; +inf when a' = 0 but a ≠ b, NaN when a' = 0 and a = b
+    (0 / 0, an empty layer included), NaN or inf as the norms are with NaN or Inf values.
     """
-    a_l2, b_l2 = rows[..., AA].sqrt(), rows[..., BB].sqrt()
-    cos = rows[..., DOT] / (a_l2.clamp_min(COSINE_EPS) * b_l2.clamp_min(COSINE_EPS))
+    a_l2, b_l2, dist = rows[..., AA].sqrt(), rows[..., BB].sqrt(), rows[..., DD].sqrt()
     f32 = torch.float32
     return {
         "numel": rows[..., PAIR_N].to(torch.int64),
         "dot": rows[..., DOT].to(f32),
         "a_l2": a_l2.to(f32),
         "b_l2": b_l2.to(f32),
-        "cos": cos.to(f32),
-        "dist": rows[..., DD].sqrt().to(f32),
+        "cos": cosine(rows[..., DOT], a_l2, b_l2).to(f32),
+        "dist": dist.to(f32),
+        "ratio": (dist / a_l2).to(f32),
     }
+
+
+def cosine(dot: torch.Tensor, a_l2: torch.Tensor, b_l2: torch.Tensor) -> torch.Tensor:
+    """The one cosine rule of fastgradstats: dot / (max(‖a‖, eps) · max(‖b‖, eps)), eps = :data:`COSINE_EPS`
+    (``torch.nn.functional.cosine_similarity``'s), so a zero vector has cosine 0 with anything. Elementwise
+    over tensors of one shape and dtype; NaN in, NaN out."""
+    return dot / (a_l2.clamp_min(COSINE_EPS) * b_l2.clamp_min(COSINE_EPS))
+
+
+def derive_hist_sums(rows: torch.Tensor, kind: str, value_range: tuple[float, float] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Σ and Σ² of the values a histogram of ``kind`` counted, from tensor rows [..., K]: float64 [...] each,
+    as TensorBoard's ``add_histogram_raw`` wants them (``sum``, ``sum_squares``).
+
+    ``hist_sum`` is Σ|x| for a log2 histogram (its bins are of |x|) and Σx for a linear one;
+    ``hist_sum_squares`` is Σx² for both. The histograms count every finite value (log2: zeros contribute
+    nothing; linear over data ranges) except a linear histogram with a fixed ``value_range``, which leaves
+    out the values outside it. The rows keep sums over all values only, so both are NaN for a layer with
+    NaN/Inf values, and, with a ``value_range``, for a layer whose finite values do not all lie in it. An
+    empty layer gives 0.
+    """
+    n = rows[..., N]
+    square_sum = rows[..., M2].clamp_min(0) + torch.where(n == 0, 0.0, rows[..., SUM].square() / n)
+    known = rows[..., NONFINITE] == 0
+    if kind == "linear" and value_range is not None:
+        known &= (-rows[..., NEG_FMIN] >= value_range[0]) & (rows[..., FMAX] <= value_range[1])
+    value_sum = rows[..., ABSSUM if kind == "log2" else SUM]
+    return {"hist_sum": torch.where(known, value_sum, float("nan")),
+            "hist_sum_squares": torch.where(known, square_sum, float("nan"))}

@@ -9,7 +9,9 @@ the log2 edges.
 
 Outputs (written, never read): ``floats`` float32 [F, L + 1] and ``counts`` int64 [C, L + 1], one field per
 row (layer l in column l, the total in column L); ``total_row`` float64 [K]; optional ``total_hist`` int64 [B]
-and ``edges`` float32 [B + 1]; ``total_norms`` float64 [2] (the total's l2 and linf, for clipping).
+and ``edges`` float32 [B + 1]; ``total_norms`` float64 [2] (the total's l2 and linf, for clipping); with a
+histogram, ``hist_sums`` float64 [2, L + 1] (:data:`HIST_SUMS`, see
+:func:`fastgradstats.rows.derive_hist_sums`).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from fastgradstats.hist import HistSpec
 from fastgradstats.rows import COSINE_EPS, PAIR_K, K
 
 LAYERS = 128  # layers per program
-TENSOR_FLOATS = ("sum", "mean", "std", "l1", "l2", "linf", "min", "max")
+TENSOR_FLOATS = ("sum", "mean", "std", "l1", "l2", "linf", "min", "max", "mean_abs")
 TENSOR_COUNTS = ("numel", "zeros", "nonfinite")
-PAIR_FLOATS = ("dot", "a_l2", "b_l2", "cos", "dist")
+HIST_SUMS = ("hist_sum", "hist_sum_squares")
+PAIR_FLOATS = ("dot", "a_l2", "b_l2", "cos", "dist", "ratio")
 PAIR_COUNTS = ("numel",)
 
 
@@ -45,12 +48,28 @@ def _tensor_fields(n, total, m2, abs_sum, zeros, nonfinite, max_x, neg_min, floa
     linf = tl.where(has_nan, float("nan"), tl.where(empty, 0.0, linf))
     unset = has_nan | empty
     values = (total, mean, tl.sqrt(m2 / n), abs_sum, l2, linf, tl.where(unset, float("nan"), -neg_min),
-              tl.where(unset, float("nan"), max_x))
-    for i in tl.static_range(8):
+              tl.where(unset, float("nan"), max_x), abs_sum / n)
+    for i in tl.static_range(9):
         tl.store(floats + i * stride + column, values[i].to(tl.float32), mask=mask)
     tl.store(counts + column, n.to(tl.int64), mask=mask)
     tl.store(counts + stride + column, zeros.to(tl.int64), mask=mask)
     tl.store(counts + 2 * stride + column, nonfinite.to(tl.int64), mask=mask)
+
+
+@triton.jit
+def _hist_sums(n, total, m2, abs_sum, nonfinite, finite_max, finite_neg_min, hist_sums, column, stride, mask,
+               lo, hi, ABS: tl.constexpr, RANGED: tl.constexpr):
+    """Store Σ (of |x| when ABS, else of x) and Σx² of the values the histogram counted, NaN where the rows
+    cannot tell them (see fastgradstats.rows.derive_hist_sums); ``lo``, ``hi``: a linear histogram's fixed
+    range when RANGED."""
+    m2 = tl.where(m2 < 0, 0.0, m2)
+    square_sum = m2 + tl.where(n == 0, 0.0, total * total / tl.where(n == 0, 1.0, n))
+    known = nonfinite == 0
+    if RANGED:
+        known = known & (-finite_neg_min >= lo) & (finite_max <= hi)
+    value_sum = abs_sum if ABS else total
+    tl.store(hist_sums + column, tl.where(known, value_sum, float("nan")), mask=mask)
+    tl.store(hist_sums + stride + column, tl.where(known, square_sum, float("nan")), mask=mask)
 
 
 @triton.jit
@@ -67,9 +86,10 @@ def _store_norms(n, total, m2, abs_sum, max_x, neg_min, out):
 
 @triton.jit
 def _tensor_finalize_kernel(
-    rows, hist, floats, counts, total_row, total_hist, edges, total_norms, num_layers,
+    rows, hist, floats, counts, total_row, total_hist, edges, total_norms, hist_sums, num_layers, lo, hi,
     LAYERS: tl.constexpr, HIST_TOTAL: tl.constexpr, BINS: tl.constexpr, PADDED_BINS: tl.constexpr,
-    EDGES: tl.constexpr, MIN_EXP: tl.constexpr,
+    EDGES: tl.constexpr, MIN_EXP: tl.constexpr, HIST_SUMS: tl.constexpr, ABS: tl.constexpr,
+    RANGED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     stride = num_layers + 1
@@ -81,6 +101,12 @@ def _tensor_finalize_kernel(
                    tl.load(row + 4, mask=mask, other=0.0), tl.load(row + 5, mask=mask, other=0.0),
                    tl.load(row + 6, mask=mask, other=0.0), tl.load(row + 7, mask=mask, other=0.0),
                    floats, counts, layer, stride, mask)
+    if HIST_SUMS:
+        _hist_sums(tl.load(row, mask=mask, other=0.0), tl.load(row + 1, mask=mask, other=0.0),
+                   tl.load(row + 2, mask=mask, other=0.0), tl.load(row + 3, mask=mask, other=0.0),
+                   tl.load(row + 5, mask=mask, other=0.0), tl.load(row + 8, mask=mask, other=0.0),
+                   tl.load(row + 9, mask=mask, other=0.0), hist_sums, layer, stride, mask, lo, hi, ABS,
+                   RANGED)
     if pid == 0:
         sums = tl.zeros([LAYERS], tl.float64)
         n = tl.zeros([LAYERS], tl.float64)
@@ -130,6 +156,10 @@ def _tensor_finalize_kernel(
                        one + total[5], one + total[6], one + total[7], floats, counts, last, stride,
                        last == num_layers)
         _store_norms(total[0], total[1], total[2], total[3], total[6], total[7], total_norms)
+        if HIST_SUMS:
+            _hist_sums(one + total[0], one + total[1], one + total[2], one + total[3], one + total[5],
+                       one + total[8], one + total[9], hist_sums, last, stride, last == num_layers, lo, hi,
+                       ABS, RANGED)
         if HIST_TOTAL:
             bins = tl.arange(0, PADDED_BINS)
             summed = tl.zeros([PADDED_BINS], tl.int64)
@@ -178,8 +208,9 @@ def _pair_fields(n, dot, aa, bb, dd, floats, counts, column, stride, mask, EPS: 
     a_l2 = tl.sqrt(aa)
     b_l2 = tl.sqrt(bb)
     cos = dot / (tl.where(a_l2 > EPS, a_l2, EPS) * tl.where(b_l2 > EPS, b_l2, EPS))
-    values = (dot, a_l2, b_l2, cos, tl.sqrt(dd))
-    for i in tl.static_range(5):
+    dist = tl.sqrt(dd)
+    values = (dot, a_l2, b_l2, cos, dist, dist / a_l2)
+    for i in tl.static_range(6):
         tl.store(floats + i * stride + column, values[i].to(tl.float32), mask=mask)
     tl.store(counts + column, n.to(tl.int64), mask=mask)
 
@@ -190,7 +221,8 @@ def finalize_tensor_stats(rows: torch.Tensor, hist: torch.Tensor | None, total_h
 
     Returns {"layers": {field: [L] view}, "total": {field: 0-d view}, "total_row": [K], "total_hist": [B] or
     None (``total_hist`` when given, else the sum of ``hist`` over layers), "edges": [B + 1] for log2 or None,
-    "total_norms": float64 [2] (l2, linf of the total)}.
+    "total_norms": float64 [2] (l2, linf of the total)}; with a histogram the fields include the float64
+    :data:`HIST_SUMS` of ``spec``'s kind.
     """
     num_layers, device = rows.shape[0], rows.device
     floats = torch.empty(len(TENSOR_FLOATS), num_layers + 1, dtype=torch.float32, device=device)
@@ -202,17 +234,26 @@ def finalize_tensor_stats(rows: torch.Tensor, hist: torch.Tensor | None, total_h
     if hist_total:
         total_hist = torch.empty(bins, dtype=torch.int64, device=device)
     edges = torch.empty(bins + 1, dtype=torch.float32, device=device) if log2 else None
+    hist_sums = None if spec is None else torch.empty(len(HIST_SUMS), num_layers + 1, dtype=torch.float64,
+                                                      device=device)
+    ranged = spec is not None and spec.range is not None
+    lo, hi = spec.range if ranged else (0.0, 0.0)
     _tensor_finalize_kernel[(max(1, triton.cdiv(num_layers, LAYERS)),)](
         rows, outputs if hist is None else hist, floats, counts, outputs,
-        total_hist if hist_total else outputs, outputs if edges is None else edges, outputs[K:], num_layers,
+        total_hist if hist_total else outputs, outputs if edges is None else edges, outputs[K:],
+        outputs if hist_sums is None else hist_sums, num_layers, lo, hi,
         LAYERS=LAYERS, HIST_TOTAL=hist_total, BINS=bins, PADDED_BINS=triton.next_power_of_2(bins + 1),
-        EDGES=log2, MIN_EXP=spec.min_exp if log2 else 0, num_warps=4,
+        EDGES=log2, MIN_EXP=spec.min_exp if log2 else 0, HIST_SUMS=spec is not None, ABS=log2, RANGED=ranged,
+        num_warps=4,
     )
+    wide = () if hist_sums is None else HIST_SUMS
     return {
         "layers": {**{f: floats[i, :num_layers] for i, f in enumerate(TENSOR_FLOATS)},
-                   **{f: counts[i, :num_layers] for i, f in enumerate(TENSOR_COUNTS)}},
+                   **{f: counts[i, :num_layers] for i, f in enumerate(TENSOR_COUNTS)},
+                   **{f: hist_sums[i, :num_layers] for i, f in enumerate(wide)}},
         "total": {**{f: floats[i, num_layers] for i, f in enumerate(TENSOR_FLOATS)},
-                  **{f: counts[i, num_layers] for i, f in enumerate(TENSOR_COUNTS)}},
+                  **{f: counts[i, num_layers] for i, f in enumerate(TENSOR_COUNTS)},
+                  **{f: hist_sums[i, num_layers] for i, f in enumerate(wide)}},
         "total_row": outputs[:K], "total_hist": total_hist, "edges": edges, "total_norms": outputs[K:],
     }
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..results import TensorStats
+from ..results import TensorStats, host_snapshot
 
 GRAD_KINDS = ("nonfinite", "dead", "vanishing", "exploding")
 KINDS = (*GRAD_KINDS, "update_spike")
@@ -47,7 +47,8 @@ class Alert:
 
 @dataclass
 class AlertFlags:
-    """Device-side outcome of one step: bool [L] per kind and the values they refer to.
+    """Device-side outcome of one step: bool [L] per kind and the values they refer to (``l2`` float32,
+    ``running_mean`` float64, ``nonfinite`` int64, ``update_ratio`` and ``update_running_mean`` float64).
 
     ``flags[kind]`` for the gradient kinds is over ``names`` (l2, running_mean and nonfinite too);
     ``flags["update_spike"]``, when the update was recorded, is over ``update_names`` (update_ratio and
@@ -64,45 +65,56 @@ class AlertFlags:
     update_ratio: torch.Tensor | None = None
     update_running_mean: torch.Tensor | None = None
 
-    def materialize(self) -> list[Alert]:
-        """The alerts as Python objects (one device-to-host copy)."""
-        grad = [k for k in GRAD_KINDS if k in self.flags]
-        parts = [self.flags[k].double() for k in grad]
+    def count(self) -> torch.Tensor:
+        """int64 0-d tensor on the flags' device: how many alerts there are (flagged layers summed over the
+        kinds), without a sync (0 on the CPU when there are no flags at all)."""
+        flags = list(self.flags.values())
+        if not flags:
+            return torch.zeros((), dtype=torch.int64)
+        return torch.stack([flag.sum() for flag in flags]).sum()
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The device tensors :meth:`materialize` reads, in the order it expects their host copies."""
+        grad = [self.flags[k] for k in GRAD_KINDS if k in self.flags]
         if grad:
-            parts += [self.l2.double(), self.running_mean.double(), self.nonfinite.double()]
-        spikes = "update_spike" in self.flags
-        if spikes:
-            parts += [self.flags["update_spike"].double(), self.update_ratio.double(),
-                      self.update_running_mean.double()]
-        if not parts:
-            return []
-        host = torch.cat(parts).cpu()
-        rows = len(grad) + 3
-        grad_host = host[: rows * len(self.names)].view(rows, len(self.names)) if grad else None
+            grad += [self.l2, self.running_mean, self.nonfinite]
+        if "update_spike" in self.flags:
+            grad += [self.flags["update_spike"], self.update_ratio, self.update_running_mean]
+        return grad
+
+    def materialize(self, host: list[torch.Tensor] | None = None) -> list[Alert]:
+        """The alerts as Python objects. ``host``: host copies of :meth:`tensors` (from a snapshot the caller
+        made); when None, they are copied here (one device-to-host copy)."""
+        host = host_snapshot(self.tensors()) if host is None else host
+        grad = [k for k in GRAD_KINDS if k in self.flags]
         alerts = []
-        for k, kind in enumerate(grad):
-            l2, mean, nonfinite = grad_host[len(grad):].tolist()
-            for i in grad_host[k].bool().nonzero().flatten().tolist():
+        if grad:
+            l2, mean, nonfinite = (t.tolist() for t in host[len(grad):len(grad) + 3])
+        for flag, kind in zip(host, grad):
+            for i in _flagged(flag):
                 name = self.names[i]
                 if kind == "nonfinite":
-                    value = nonfinite[i]
-                    text = f"{int(nonfinite[i])} NaN/Inf values in the gradient of '{name}'"
+                    value = float(nonfinite[i])
+                    text = f"{nonfinite[i]} NaN/Inf values in the gradient of '{name}'"
                 elif kind == "dead":
                     value, text = 0.0, f"the gradient of '{name}' is all zeros"
                 else:
                     value = l2[i]
                     text = f"gradient norm of '{name}' is {l2[i]:.3g} ({kind}; running mean {mean[i]:.3g})"
                 alerts.append(Alert(self.step, kind, name, value, text))
-        if spikes:
-            count = len(self.update_names)
-            spike, ratio, mean = host[host.numel() - 3 * count:].view(3, count)
-            ratio, mean = ratio.tolist(), mean.tolist()
-            for i in spike.bool().nonzero().flatten().tolist():
+        if "update_spike" in self.flags:
+            spike, ratio, mean = host[-3], host[-2].tolist(), host[-1].tolist()
+            for i in _flagged(spike):
                 name = self.update_names[i]
                 text = (f"update ratio ‖Δθ‖/‖θ‖ of '{name}' is {ratio[i]:.3g}, {ratio[i] / mean[i]:.3g}× its "
                         f"running mean {mean[i]:.3g} (update_spike)")
                 alerts.append(Alert(self.step, "update_spike", name, ratio[i], text))
         return alerts
+
+
+def _flagged(flag: torch.Tensor) -> list[int]:
+    """Indices where the host bool [L] ``flag`` is set."""
+    return [i for i, value in enumerate(flag.tolist()) if value]
 
 
 class RunningMean:

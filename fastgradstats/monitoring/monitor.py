@@ -26,7 +26,9 @@ Alerts (``alerts=True``): the gradient alerts on "grad" and ``update_spike`` (a 
 running mean, see :mod:`fastgradstats.monitoring.alerts`) on "update", either path.
 
 Statistics stay on the device; alerts are device-side flags until read, so a step syncs with the host only
-when a sink writes it or the caller reads ``record.alerts``.
+when a sink writes it or the caller reads ``record.alerts``. ``record.to_dict()`` copies everything the record
+holds (every tracked kind, its histograms and the alerts) to the host in one device-to-host copy, once: the
+sinks of a record share that copy.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ import torch
 from ..api import grad_stats, param_stats
 from ..dispatch import resolve_backend
 from ..hist import HistSpec
-from ..optim import optimizer_stats, rebuilds_update, update_pair_stats
+from ..optim import OptimizerStats, optimizer_stats, rebuilds_update, update_pair_stats
 from ..pairs import pair_stats
-from ..results import LayerStats, PairStats
+from ..results import LayerStats, PairStats, host_snapshot
 from ..split import Split, split_parts
 from .alerts import Alert, AlertConfig, AlertFlags, AlertTracker
 
@@ -57,8 +59,8 @@ class StepRecord:
     """What one tracked step produced: ``stats[kind]`` for each tracked kind that had data, and the alerts.
 
     stats["grad"], stats["param"]: TensorStats; stats["update"], stats["grad_cos"], stats["init"]: PairStats
-    (a = now, b = the earlier tensors); stats["optim"]: OptimizerStats. All tensors are on the model's
-    device.
+    (a = now, b = the earlier tensors; ``ratio`` = ‖a - b‖ / ‖a‖); stats["optim"]: OptimizerStats. All
+    tensors are on the model's device.
     """
 
     step: int
@@ -67,26 +69,64 @@ class StepRecord:
 
     @functools.cached_property
     def alerts(self) -> list[Alert]:
-        """The alerts of this step (reading them syncs with the device once)."""
+        """The alerts of this step (reading them syncs with the device once; none after ``to_dict``)."""
         return [] if self.alert_flags is None else self.alert_flags.materialize()
+
+    @functools.cached_property
+    def alert_count(self) -> torch.Tensor | None:
+        """int64 0-d tensor on the device: the number of alerts of this step (no sync); None when alerts are
+        not computed."""
+        return None if self.alert_flags is None else self.alert_flags.count()
 
     @property
     def update_ratio(self) -> torch.Tensor | None:
-        """float32 [L] ‖Δθ‖ / ‖θ‖ per layer (the update-to-weight ratio), when "update" was recorded."""
+        """float32 [L] ‖Δθ‖ / ‖θ‖ per layer (the update-to-weight ratio, ``stats["update"].ratio``), when
+        "update" was recorded."""
         update = self.stats.get("update")
-        return None if update is None else update.dist / update.a_l2
+        return None if update is None else update.ratio
 
     def to_dict(self) -> dict:
-        """Plain Python values (syncs): {"step", kind: stats.to_dict() for each kind, "alerts": [...]}."""
+        """Plain Python values: ``{"step", kind: stats.to_dict() for each kind, "alerts": [alert fields],
+        "alert_count": len(alerts), or None when alerts are not computed}``.
+
+        The first call copies every tensor of the record (each kind's fields, totals, histograms and edges,
+        and the alerts' flags and values) to the host in one device-to-host copy (:func:`host_snapshot`) and
+        keeps the host copies; each call builds a new dict from them, so sinks writing the same record share
+        one copy and may each edit the dict they get.
+        """
+        self._copy_to_host()
         result: dict = {"step": self.step}
         for kind, stats in self.stats.items():
             result[kind] = stats.to_dict()
-        if "update" in self.stats:
-            ratios = self.update_ratio.tolist()
-            for name, ratio in zip(self.stats["update"].names, ratios):
-                result["update"]["layers"][name]["ratio"] = ratio
-        result["alerts"] = [alert.__dict__ for alert in self.alerts]
+        result["alerts"] = [dict(alert.__dict__) for alert in self.alerts]
+        result["alert_count"] = None if self.alert_flags is None else len(self.alerts)
         return result
+
+    def _copy_to_host(self) -> None:
+        """One host snapshot of every result not yet on the host (their ``cpu()`` twins) and of the alerts
+        not yet materialized; nothing when all are."""
+        owners = [stats for stats in self._results() if stats._host_twin is None]
+        values = [stats._snapshot_values() for stats in owners]
+        materialized = self.alert_flags is None or "alerts" in self.__dict__
+        alert_tensors = [] if materialized else self.alert_flags.tensors()
+        host = iter(host_snapshot([t for owned in values for t in owned.values()] + alert_tensors))
+        for stats, owned in zip(owners, values):
+            stats._adopt_host({key: next(host) for key in owned})
+        if alert_tensors:
+            self.__dict__["alerts"] = self.alert_flags.materialize(list(host))
+
+    def _results(self) -> list[LayerStats]:
+        """Every TensorStats and PairStats of the record, once each (those inside OptimizerStats included:
+        its update pairs may also be stats["update"])."""
+        results: dict[int, LayerStats] = {}
+        for stats in self.stats.values():
+            inner = [stats]
+            if isinstance(stats, OptimizerStats):
+                inner = [*stats.states.values()]
+                if stats.has_update:
+                    inner += [stats.update, stats.update_pairs]
+            results.update((id(result), result) for result in inner if result is not None)
+        return list(results.values())
 
 
 class Monitor:
