@@ -2,7 +2,7 @@
 present.
 
 The package is the "triton" backend of :class:`fastgradstats.dispatch.Backend` (``raw_rows``,
-``linear_hist``, ``pair_rows``). The kernels need Triton >= 3.4 (setup.py's floor):
+``linear_hist``, ``pair_rows``). The kernels need Triton >= 3.4 (pyproject.toml's floor):
 :mod:`fastgradstats.dispatch` checks the installed version (``TRITON_MIN_VERSION``) before it chooses them.
 """
 

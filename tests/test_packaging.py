@@ -1,18 +1,19 @@
-"""setup.py's floors are what the code needs: python_requires covers the syntax and the standard library the
-package uses, and the torch and triton minimums have the APIs it calls."""
+"""pyproject.toml's floors are what the code needs: requires-python covers the syntax and the standard library
+the package uses, and the torch and triton minimums have the APIs it calls. Metadata lives there only."""
 
 import ast
-import runpy
+import importlib.metadata
+import tomllib
 from pathlib import Path
 
 import pytest
-import setuptools
 from packaging.requirements import Requirement
 
+import fastgradstats
 from fastgradstats import dispatch
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = ("fastgradstats", "kernels")  # what setup.py installs (kernels/ as fastgradstats.kernels)
+PACKAGE_DIRS = ("fastgradstats", "kernels")  # what is installed (kernels/ as fastgradstats.kernels)
 
 # Standard-library names newer than Python 3.10, and the version that added each.
 STDLIB_SINCE = {
@@ -31,13 +32,10 @@ TRITON_PINNED_BY_TORCH = {(2, 6): (3, 2), (2, 7): (3, 3), (2, 8): (3, 4)}
 
 @pytest.fixture(scope="module")
 def setup_kwargs() -> dict:
-    """The keyword arguments setup.py passes to setuptools.setup (run without building anything)."""
-    captured = {}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(REPO)
-        patch.setattr(setuptools, "setup", lambda **kwargs: captured.update(kwargs))
-        runpy.run_path(str(REPO / "setup.py"))
-    return captured
+    """The floors of pyproject.toml's [project] table, under setuptools' keyword names."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    return {"python_requires": project["requires-python"], "install_requires": project["dependencies"],
+            "extras_require": project["optional-dependencies"]}
 
 
 def floor(specifier: str) -> tuple[int, int]:
@@ -126,3 +124,10 @@ def test_extras_with_triton_ask_for_a_torch_that_allows_it(setup_kwargs):
         needed = min(torch for torch, pinned in TRITON_PINNED_BY_TORCH.items() if pinned >= triton_floor)
         torch_floor = max(floor(str(r.specifier)) for r in torches.get(where, torches["install_requires"]))
         assert torch_floor >= needed, f"{where}: torch {torch_floor} pins a triton older than {triton_floor}"
+
+
+def test_the_version_is_declared_once():
+    assert importlib.metadata.version("fastgradstats") == fastgradstats.__version__
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert "version" in project["dynamic"]
+    assert "version" not in (REPO / "setup.py").read_text(encoding="utf-8")
