@@ -14,7 +14,8 @@ Each function returns a ``matplotlib.figure.Figure`` drawn on the non-interactiv
 state is never touched) and, when ``path`` is given, saves it there (PNG unless the suffix names another
 format matplotlib writes). matplotlib is imported only when a plot is made:
 ``pip install "fastgradstats[plots]"``.
-Statistics are copied to the host once per plot (one sync per record).
+Plots only read fields of the results (``mean_abs``, ``ratio``, ``spec``, ...), from ``stats.cpu()``: each
+record's statistics reach the host in one copy, shared with the sinks that wrote it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from ..gns import NoiseScale
+from ..hist import HistSpec
 from ..results import LayerStats, TensorStats
 from .monitor import StepRecord
 
@@ -36,7 +38,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # Fields that cannot be negative: plotted on a log axis (zeros left out). Signed fields get a linear axis.
-NONNEGATIVE_FIELDS = ("numel", "l1", "l2", "linf", "std", "zeros", "nonfinite", "a_l2", "b_l2", "dist")
+NONNEGATIVE_FIELDS = ("numel", "l1", "l2", "linf", "std", "zeros", "nonfinite", "mean_abs", "a_l2", "b_l2",
+                      "dist", "ratio")
 MAX_DEFAULT_LINES = 8
 NONFINITE_COLOR = "tab:red"
 MIN_SHOWN_BINS = 8  # log2_heatmap trims empty exponents, but shows at least this many
@@ -44,7 +47,7 @@ FP16_SMALLEST_EXP = -24  # fp16's smallest subnormal: smaller |values| flush to 
 
 
 def gradient_flow(stats: TensorStats, path: str | os.PathLike | None = None) -> Figure:
-    """Bars of mean |g| (l1 / numel), max |g| (linf) and l2 per layer on a log axis, titled with the total l2.
+    """Bars of mean |g| (mean_abs), max |g| (linf) and l2 per layer on a log axis, titled with the total l2.
 
     A layer with NaN/Inf values (``nonfinite`` > 0 or a non-finite statistic) is shaded with red hatching and
     marked with a red x (its tick label turns red); an all-zero layer gets a grey circle on the bottom axis.
@@ -62,13 +65,12 @@ def gradient_flow(stats: TensorStats, path: str | os.PathLike | None = None) -> 
         raise ValueError("gradient_flow: the statistics have no layers")
     _require_matplotlib()
     names = list(stats.names)
-    numel, l1, linf, l2, nonfinite = (_host(stats.numel), _host(stats.l1), _host(stats.linf), _host(stats.l2),
-                                      _host(stats.nonfinite))
-    total_l2 = float(_host(_total(stats).l2)[0])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_abs = np.where(numel > 0, l1 / numel, np.nan)
+    host = stats.cpu()
+    mean_abs, linf, l2 = _host(host.mean_abs), _host(host.linf), _host(host.l2)
+    nonfinite = _host(host.nonfinite)
+    total_l2 = float(_host(_total(host).l2)[0])
     series = {"mean |g|": mean_abs, "max |g|": linf, "l2": l2}
-    bad = (nonfinite > 0) | ~np.isfinite(l2) | ~np.isfinite(linf) | ~np.isfinite(l1)
+    bad = (nonfinite > 0) | ~np.isfinite(l2) | ~np.isfinite(linf)
     zero = ~bad & (linf == 0)
 
     num_layers = len(names)
@@ -139,8 +141,8 @@ def log2_heatmap(
         if not isinstance(stats, TensorStats):
             raise TypeError(f"log2_heatmap: stats[{kind!r}] at step {step} is a {type(stats).__name__}, "
                             "which has no histogram")
-        hist, edges, layer_nonfinite = _layer_hist(stats, layer, step)
-        step_exponents = _log2_exponents(edges, layer, step)
+        hist, spec, layer_nonfinite = _layer_hist(stats.cpu(), layer, step)
+        step_exponents = _log2_exponents(spec, layer, step)
         if exponents is not None and not np.array_equal(step_exponents, exponents):
             raise ValueError(f"log2_heatmap: the log2 bins of '{layer}' change at step {step}")
         exponents = step_exponents
@@ -224,8 +226,9 @@ def norms_over_time(
     totals = np.empty(len(steps))
     for t, stats in enumerate(all_stats):
         columns = [column[name] for name in stats.names]
-        values[t, columns], present[t, columns] = _host(getattr(stats, field)), True
-        totals[t] = _host(getattr(_total(stats), field))[0]
+        host = stats.cpu()
+        values[t, columns], present[t, columns] = _host(getattr(host, field)), True
+        totals[t] = _host(getattr(_total(host), field))[0]
 
     return _lines_over_steps(steps, names, values, present, totals, layers, field in NONNEGATIVE_FIELDS,
                              f"stats[{kind!r}]", field, f"{kind} {field}", "norms_over_time", path)
@@ -236,8 +239,9 @@ def update_ratio_over_time(
     layers: Sequence[str] | str | None = None,
     path: str | os.PathLike | None = None,
 ) -> Figure:
-    """Lines of the update-to-weight ratio ‖Δθ‖/‖θ‖ per layer (``record.update_ratio``) over the recorded
-    steps, with the ratio over all layers (black, dashed), on a log axis; steps where the ``update_spike``
+    """Lines of the update-to-weight ratio ‖Δθ‖/‖θ‖ per layer (``stats["update"].ratio``) over the recorded
+    steps, with the ratio over all layers (``.total.ratio``, black, dashed), on a log axis; steps where the
+    ``update_spike``
     alert fired for a plotted layer get a red triangle on its line.
 
     ``records``: StepRecords of a Monitor tracking "update" (records without it are skipped). ``layers``:
@@ -261,8 +265,9 @@ def update_ratio_over_time(
     spikes = []  # (step index, column) of update_spike alerts
     for t, (record, stats) in enumerate(zip(updated, all_stats)):
         columns = [column[name] for name in stats.names]
-        values[t, columns], present[t, columns] = _host(record.update_ratio), True
-        totals[t] = _host(stats.total.dist / stats.total.a_l2)[0]
+        host = stats.cpu()
+        values[t, columns], present[t, columns] = _host(host.ratio), True
+        totals[t] = _host(host.total.ratio)[0]
         if record.alert_flags is not None and "update_spike" in record.alert_flags.flags:
             spikes += [(t, column[alert.layer]) for alert in record.alerts if alert.kind == "update_spike"]
     return _lines_over_steps(steps, names, values, present, totals, layers, True, "stats['update']",
@@ -419,7 +424,7 @@ def split_heatmap(
                          f"choose one of {all_stats[0].FIELDS}")
     columns = []
     for step, stats in zip(steps, all_stats):
-        values = _host(getattr(stats.group(name), field))
+        values = _host(getattr(stats.cpu().group(name), field))
         if columns and values.size != columns[0].size:
             raise ValueError(f"split_heatmap: '{name}' has {values.size} parts at step {step} but "
                              f"{columns[0].size} at step {steps[0]}")
@@ -490,7 +495,8 @@ def _finish(fig: Figure, path: str | os.PathLike | None) -> Figure:
 
 
 def _host(t: torch.Tensor) -> np.ndarray:
-    """A statistic as a float64 numpy array of at least one dimension (0-d totals become [1])."""
+    """A statistic (a field of ``stats.cpu()``, or one device tensor: one copy) as a float64 numpy array of at
+    least one dimension (0-d totals become [1])."""
     return t.detach().cpu().to(torch.float64).reshape(-1).numpy()
 
 
@@ -538,35 +544,32 @@ def _stats_over_steps(
     raise TypeError(f"{caller}: expected a sequence of {expected}, got items of type {found}")
 
 
-def _layer_hist(stats: TensorStats, layer: str, step: int) -> tuple[np.ndarray, torch.Tensor, float]:
-    """Histogram counts, edges and NaN/Inf count of ``layer`` (or of the total, for "total") at one step."""
+def _layer_hist(stats: TensorStats, layer: str, step: int) -> tuple[np.ndarray, HistSpec | None, float]:
+    """Histogram counts, spec and NaN/Inf count of ``layer`` (or of the total, for "total") at one step, from
+    host statistics."""
     if stats.hist is None:
         raise ValueError(f"log2_heatmap: the statistics at step {step} have no histogram "
                          "(record with hist='log2')")
     if layer in stats.names:
         i = stats.names.index(layer)
-        edges = stats.hist_edges if stats.hist_edges.dim() == 1 else stats.hist_edges[i]
         hist = stats.hist[i] if stats.hist.dim() == 2 else stats.hist
-        return _host(hist), edges, _host(stats.nonfinite)[i]
+        return _host(hist), stats.spec, _host(stats.nonfinite)[i]
     if layer == "total":
         total = _total(stats)
-        return _host(total.hist), total.hist_edges, _host(total.nonfinite)[0]
+        if total.hist is None:
+            raise ValueError(f"log2_heatmap: the total at step {step} has no histogram")
+        return _host(total.hist), total.spec, _host(total.nonfinite)[0]
     raise ValueError(f"log2_heatmap: unknown layer {layer!r} at step {step}; known: {_some(stats.names)}")
 
 
-def _log2_exponents(edges: torch.Tensor, layer: str, step: int) -> np.ndarray:
-    """The integer exponents e of the bins [2^e, 2^(e+1)), or ValueError when the edges are not log2 bins."""
-    edges = _host(edges)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        exponents = np.log2(edges)
-    is_log2 = (
-        np.all(np.isfinite(exponents)) and np.all(exponents == np.round(exponents))
-        and np.all(np.diff(exponents) == 1)
-    )
-    if not is_log2:
-        raise ValueError(f"log2_heatmap: the histogram of '{layer}' at step {step} is not a log2 histogram "
-                         f"(edges {_format(edges[0])} .. {_format(edges[-1])}); record with hist='log2'")
-    return exponents[:-1].astype(np.int64)
+def _log2_exponents(spec: HistSpec | None, layer: str, step: int) -> np.ndarray:
+    """The integer exponents e of the bins [2^e, 2^(e+1)) of a log2 ``spec``, or ValueError for another
+    kind."""
+    if spec is None or spec.kind != "log2":
+        kind = "no" if spec is None else f"a {spec.kind}"
+        raise ValueError(f"log2_heatmap: the histogram of '{layer}' at step {step} is {kind} histogram, "
+                         "not a log2 histogram; record with hist='log2'")
+    return np.arange(spec.min_exp, spec.max_exp + 1, dtype=np.int64)
 
 
 def _step_edges(steps: np.ndarray) -> np.ndarray:

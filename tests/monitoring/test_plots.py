@@ -13,6 +13,7 @@ import matplotlib.image
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fastgradstats import results
 from fastgradstats.monitoring import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -74,6 +75,26 @@ def test_gradient_flow_returns_figure_and_saves_png(records, tmp_path):
     assert_png(tmp_path / "flow.png")
 
 
+def test_gradient_flow_bars_are_the_mean_abs_linf_and_l2_fields(records):
+    stats = records[-1].stats["grad"]
+    fig = plots.gradient_flow(stats)
+    bars = [[bar.get_height() for bar in container] for container in fig.axes[0].containers]
+    for heights, field in zip(bars, ("mean_abs", "linf", "l2")):
+        np.testing.assert_allclose(heights, getattr(stats, field).double().numpy())
+
+
+def test_plots_reuse_the_host_copy_that_writing_the_record_made(monkeypatch):
+    record = run_monitor(tiny_model(), steps=1)[0]
+    copies = []
+    real_to_host = results.to_host
+    monkeypatch.setattr(results, "to_host", lambda packed: copies.append(packed) or real_to_host(packed))
+    record.to_dict()  # what a sink does
+    plots.gradient_flow(record.stats["grad"])
+    plots.log2_heatmap([record], "0.weight")
+    plots.norms_over_time([record])
+    assert len(copies) == 1
+
+
 def test_log2_heatmap_returns_figure_and_saves_png(records, tmp_path):
     fig = plots.log2_heatmap(records, "0.weight", path=tmp_path / "heat.png")
     assert isinstance(fig, Figure)
@@ -117,6 +138,13 @@ def test_log2_heatmap_linear_histogram_raises():
     records = run_monitor(tiny_model(), steps=2, hist="linear")
     with pytest.raises(ValueError, match="not a log2 histogram"):
         plots.log2_heatmap(records, "0.weight")
+
+
+def test_log2_heatmap_reads_the_histogram_kind_not_the_edges():
+    stats = fgs.tensor_stats([torch.tensor([1.0, 1.5])], ["x"], hist="linear", bins=1, range=(1.0, 2.0))
+    assert stats.hist_edges[0].tolist() == [1.0, 2.0]  # edges that look like the log2 bin [2^0, 2^1)
+    with pytest.raises(ValueError, match="is a linear histogram, not a log2 histogram"):
+        plots.log2_heatmap(stats, "x")
 
 
 def test_log2_heatmap_without_histogram_raises():
@@ -290,8 +318,8 @@ def test_update_ratio_over_time_plots_each_layers_ratio_and_marks_spikes(tmp_pat
     assert set(lines) == {*names, "total"}
     assert list(lines[names[0]].get_xdata()) == [r.step for r in updated]
     np.testing.assert_allclose(lines[names[0]].get_ydata(), [r.update_ratio[0].item() for r in updated])
-    total = [(r.stats["update"].total.dist / r.stats["update"].total.a_l2).item() for r in updated]
-    np.testing.assert_allclose(lines["total"].get_ydata(), total)
+    total_ratios = [r.stats["update"].total.ratio.item() for r in updated]
+    np.testing.assert_allclose(lines["total"].get_ydata(), total_ratios)
     assert ax.get_yscale() == "log"
     assert "update_spike" in legend_labels(fig)
     spikes = [r.step for r in records if any(a.kind == "update_spike" for a in r.alerts)]
