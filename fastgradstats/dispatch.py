@@ -26,8 +26,8 @@ from .hist import HistSpec, fixed_ranges, linear_ranges
 from .rows import PAIR_K, RawStats
 
 BACKENDS = ("torch", "native", "triton")
-# The oldest Triton we declare (pyproject.toml's "triton>=3.4"); the kernels are compiled with 3.9 in CI and 3.6 on
-# the lent GPU machine, not with older releases.
+# The oldest Triton we declare (pyproject.toml's "triton>=3.4"); the kernels are compiled with 3.9 in CI and
+# 3.6 on the lent GPU machine, not with older releases.
 TRITON_MIN_VERSION = (3, 4)
 _warned_old_triton = False
 
