@@ -11,13 +11,18 @@ The Monitor is created at fit start on ``pl_module`` (layers are its parameter n
 ``on_before_optimizer_step``: gradients are final there (all ``accumulate_grad_batches`` micro-batches summed,
 unscaled by the AMP GradScaler) and neither clipped (``gradient_clip_val`` acts after this hook) nor applied.
 So ``every`` counts optimizer steps; under manual optimization every ``optimizer.step()`` counts, one per
-optimizer. It is closed at fit end (or when fit raises), which closes its sinks, so a callback serves one fit;
-``.monitor`` and its history stay readable afterwards.
+optimizer. Records carry the Trainer's ``global_step`` as it stands at that hook (optimizer steps done before
+this one), so the first is step 0 and the sinks number steps as Lightning's own loggers do.
+
+At fit end (or when fit raises) the Monitor is closed, which closes its sinks as Lightning finalizes its
+loggers; ``.monitor`` and its history stay readable afterwards. The next ``fit`` with the same callback starts
+a new Monitor on the same sinks, which open their files again and append (see
+:mod:`fastgradstats.monitoring.sinks`).
 
 With ``log=True`` (the default) each tracked step also calls ``pl_module.log`` (on_step only) with
 ``fastgradstats/grad_l2`` (the global gradient l2 norm, when "grad" is tracked) and ``fastgradstats/alerts``
-(how many alerts fired, when alerts are on). Both are device tensors: logging them adds no host sync beyond
-what the logger itself does.
+(``record.alert_count``, when alerts are on). Both are device tensors of the record: logging them adds no
+host sync beyond what the logger itself does.
 
 Imports ``lightning.pytorch``, else ``pytorch_lightning``.
 """
@@ -82,7 +87,7 @@ class FastGradStatsCallback(pl.Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        record = self.monitor.step()
+        record = self.monitor.step(trainer.global_step)
         if record is not None and self.log:
             _log(pl_module, record)
 
@@ -100,6 +105,5 @@ def _log(pl_module: pl.LightningModule, record: StepRecord) -> None:
     grad = record.stats.get("grad")
     if grad is not None:
         pl_module.log("fastgradstats/grad_l2", grad.total.l2, on_step=True, on_epoch=False)
-    if record.alert_flags is not None:
-        count = torch.stack([flags.sum() for flags in record.alert_flags.flags.values()]).sum()
-        pl_module.log("fastgradstats/alerts", count.float(), on_step=True, on_epoch=False)
+    if record.alert_count is not None:  # Lightning logs floating-point tensors
+        pl_module.log("fastgradstats/alerts", record.alert_count.float(), on_step=True, on_epoch=False)
