@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..monitoring.plots import _figure, _finish, _require_matplotlib
+from ..rows import cosine
 from .checkpoints import Checkpoint, Source, checkpoint_labels, open_checkpoint, select_keys
 
 if TYPE_CHECKING:
@@ -63,14 +64,18 @@ class TrajectoryMap:
         keys: the tensor names compared; numel: their total number of elements.
         center: None (raw parameters), the centre's index, or "external" (a centre outside the series).
         gram: [K, K] raw dot products ⟨θ_i, θ_j⟩ (the external centre's row is left out).
-        cos: [K, K] cosine of the centred vectors θ_i - θ_c (raw θ_i when center is None); NaN in the row and
-            column of a zero vector, such as the centre itself when it is an index.
+        cos: [K, K] cosine of the centred vectors θ_i - θ_c (raw θ_i when center is None), by the one rule of
+            fastgradstats (:func:`fastgradstats.rows.cosine`, as ``torch.nn.functional.cosine_similarity``):
+            ⟨u, v⟩ / (max(‖u‖, 1e-8) · max(‖v‖, 1e-8)), so the row and column of a zero vector, such as the
+            centre itself when it is an index, are 0 (its diagonal entry too); the other diagonal entries
+            are exactly 1.
         norms: [K] ‖θ_i - θ_c‖ (‖θ_i‖ when center is None).
         dist: [K, K] ‖θ_i - θ_j‖, whatever the centre.
-        mds: mean of the finite off-diagonal entries of ``cos``; mds_all: mean of all its finite entries,
-            diagonal included (the paper's normalisation is unverified, so both are given).
-        cone_angle: the largest angle, in degrees, between a centred vector θ_i - θ_c (i ≠ c) and the final
-            one θ_(K-1) - θ_c; NaN when the centre is the final checkpoint.
+        mds: mean of the finite off-diagonal entries of ``cos`` between non-zero vectors; mds_all: mean of
+            all its finite entries between non-zero vectors, diagonal included (the paper's normalisation is
+            unverified, so both are given). A zero vector has no direction, so it takes no part in them.
+        cone_angle: the largest angle, in degrees, between a non-zero centred vector θ_i - θ_c (i ≠ c) and
+            the final one θ_(K-1) - θ_c; NaN when the final one is zero (the centre is the final checkpoint).
         path_length: Σ_t ‖θ_(t+1) - θ_t‖.
         layers: key -> TrajectoryMap of that tensor alone, with ``per_layer=True``; otherwise None.
     """
@@ -292,15 +297,13 @@ def _derive(steps_gram: torch.Tensor, names: list[str], keys: list[str], numel: 
         dist2[j + 1:, j] = step_block[j:, j:].cumsum(0).cumsum(1).diagonal()
     dist = (dist2 + dist2.T).clamp(min=0).sqrt()
     norms = centred.diagonal().clamp(min=0).sqrt()
-    cos = (centred / (norms[:, None] * norms[None, :])).clamp(-1.0, 1.0)
+    cos = cosine(centred, norms[:, None], norms[None, :]).clamp(-1.0, 1.0)
     zero = norms == 0
-    cos[zero, :] = math.nan
-    cos[:, zero] = math.nan
     cos.diagonal()[~zero] = 1.0
-    finite = cos.isfinite()
+    finite = cos.isfinite() & ~zero[:, None] & ~zero[None, :]  # a zero vector has no direction
     off_diagonal = finite & ~torch.eye(count, dtype=torch.bool)
     final = count - 1
-    others = [i for i in range(count) if i != center and cos[i, final].isfinite()]
+    others = [i for i in range(count) if i != center and finite[i, final]]
     angles = torch.rad2deg(torch.arccos(cos[others, final]))
     return TrajectoryMap(
         names=list(names), keys=list(keys), numel=int(numel), center=center, gram=gram, cos=cos, norms=norms,

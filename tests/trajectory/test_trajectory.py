@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastgradstats as fgs
 from fastgradstats.cli import main
@@ -50,15 +51,16 @@ def oracle(series, center, keys=FLOAT_KEYS) -> dict:
     else:
         vectors = x - flatten(center, keys)
     norms = vectors.norm(dim=1)
-    cos = (vectors @ vectors.T) / (norms[:, None] * norms[None, :])
-    cos[norms == 0, :] = math.nan
-    cos[:, norms == 0] = math.nan
+    cos = torch.stack([F.cosine_similarity(vectors[i:i + 1], vectors, eps=1e-8) for i in range(len(series))])
+    cos.fill_diagonal_(1.0)
+    cos[norms == 0, norms == 0] = 0.0  # a zero vector has cosine 0, with itself too
     count = len(series)
     dist = torch.stack([(x[i] - x).norm(dim=1) for i in range(count)])
-    off = [cos[i, j].item() for i in range(count) for j in range(count) if i != j and cos[i, j].isfinite()]
-    every = [v for v in cos.reshape(-1).tolist() if math.isfinite(v)]
+    directed = [i for i in range(count) if norms[i] > 0]
+    off = [cos[i, j].item() for i in directed for j in directed if i != j and cos[i, j].isfinite()]
+    every = [cos[i, j].item() for i in directed for j in directed if cos[i, j].isfinite()]
     angles = [math.degrees(math.acos(max(-1.0, min(1.0, cos[i, -1].item()))))
-              for i in range(count) if i != center and cos[i, -1].isfinite()]
+              for i in directed if i != center and norms[-1] > 0]
     return {"gram": x @ x.T, "cos": cos, "norms": norms, "dist": dist, "mds": sum(off) / len(off),
             "mds_all": sum(every) / len(every), "cone_angle": max(angles, default=math.nan),
             "path_length": sum(dist[t, t + 1].item() for t in range(count - 1))}
@@ -99,11 +101,21 @@ def test_wide_chunks_use_the_blocked_product():
     assert_matches(tmap, oracle(series, 1, keys=["big", "small"]))
 
 
-def test_centre_index_gives_a_nan_row_and_column():
-    tmap = fgs.trajectory_map(make_series(4), center=2, progress=False)
-    assert tmap.cos[2].isnan().all() and tmap.cos[:, 2].isnan().all()
+def test_centre_index_gives_a_zero_row_and_column_as_cosine_similarity():
+    series = make_series(4)
+    tmap = fgs.trajectory_map(series, center=2, progress=False)
     assert tmap.norms[2] == 0
+    assert tmap.cos[2].eq(0).all() and tmap.cos[:, 2].eq(0).all()
     assert tmap.cos[[0, 1, 3], [0, 1, 3]].eq(1).all()
+    centred = [flatten(state) - flatten(series[2]) for state in series]
+    assert tmap.cos[2, 0].item() == F.cosine_similarity(centred[2], centred[0], dim=0).item() == 0.0
+
+
+def test_the_zero_centred_vector_takes_no_part_in_the_mds():
+    tmap = fgs.trajectory_map(make_series(4), center=2, progress=False)
+    others = [0, 1, 3]
+    off = [tmap.cos[i, j].item() for i in others for j in others if i != j]
+    assert tmap.mds == pytest.approx(sum(off) / len(off), rel=1e-12)
 
 
 def test_negative_centre_counts_from_the_end_and_the_final_centre_has_no_cone():
@@ -263,10 +275,12 @@ def test_centre_out_of_range_raises(center):
 
 
 def test_to_json_parses_with_nan_as_null():
-    tmap = fgs.trajectory_map(make_series(4), center=0, per_layer=True, progress=False)
+    series = make_series(4)
+    series[1]["w"][0, 0] = math.nan
+    tmap = fgs.trajectory_map(series, center=0, per_layer=True, progress=False)
     data = json.loads(tmap.to_json())
-    assert data["cos"][0] == [None] * 4
-    assert data["mds"] == pytest.approx(tmap.mds)
+    assert data["cos"] == [[None if math.isnan(v) else v for v in row] for row in tmap.cos.tolist()]
+    assert None in data["cos"][1] and math.isnan(tmap.mds) and data["mds"] is None
     assert len(data["gram"]) == 4
     assert set(data["layers"]) == set(FLOAT_KEYS) and "gram" not in data["layers"]["w"]
 
