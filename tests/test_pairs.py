@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, NATIVE
-from helpers import pair_rows
+from helpers import CountingKernel, pair_rows
 from oracle import values
 
 import fastgradstats as fgs
@@ -188,22 +188,6 @@ def test_to_dict_and_table_list_every_layer_and_the_total():
 # --- Triton kernels under the interpreter, against the torch backend ----------------------------------------
 
 
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """torch.empty gives NaN floats and large negative ints, so slots a kernel never writes show up."""
-    original = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = original(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype != torch.bool and not t.is_complex():
-            t.fill_(torch.iinfo(t.dtype).min // 2)
-        return t
-
-    monkeypatch.setattr(torch, "empty", poisoned)
-
-
 def triton_rows(a, b, origin=None):
     return pair_rows("triton", a, b, origin, chunk_size=CHUNK, block_size=BLOCK)
 
@@ -284,23 +268,6 @@ def test_triton_rows_are_bit_identical_across_runs(poisoned_empty):
     first = triton_rows(a, b, origin)
     second = triton_rows(a, b, origin)
     assert torch.equal(first, second)
-
-
-class CountingKernel:
-    """Stands in for a @triton.jit function and counts ``kernel[grid](...)`` launches."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-        self.launches = 0
-
-    def __getitem__(self, grid):
-        launcher = self.kernel[grid]
-
-        def launch(*args, **kwargs):
-            self.launches += 1
-            return launcher(*args, **kwargs)
-
-        return launch
 
 
 def test_triton_launches_two_kernels_per_dtype_group(monkeypatch):

@@ -29,15 +29,7 @@ from fastgradstats.rows import (
 finalize = pytest.importorskip("fastgradstats.kernels.finalize")
 
 
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    real_empty = torch.empty
-
-    def empty(*size, **kwargs):
-        t = real_empty(*size, **kwargs)
-        return t.fill_(float("nan")) if t.dtype.is_floating_point else t.fill_(torch.iinfo(t.dtype).min)
-
-    monkeypatch.setattr(torch, "empty", empty)
+pytestmark = pytest.mark.usefixtures("poisoned_empty")
 
 
 def layers(count: int) -> list[torch.Tensor]:

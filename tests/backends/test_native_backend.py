@@ -12,6 +12,7 @@ import os
 import signal
 import time
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -27,14 +28,7 @@ NAN, INF = math.nan, math.inf
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Around the kernel's lanes (16) and blocks (2048), and the chunk sizes used below.
 SIZES = (0, 1, 15, 16, 17, 2047, 2048, 2049, 0, 5003)
-SPECS = {
-    "none": None,
-    "log2": HistSpec.make("log2"),
-    "log2_narrow": HistSpec.make("log2", min_exp=-10, max_exp=3),
-    "linear_range": HistSpec.make("linear", bins=7, range=(-2.0, 2.0)),
-    "linear": HistSpec.make("linear", bins=5),
-    "linear_many_bins": HistSpec.make("linear", bins=1000),
-}
+SPECS = {**helpers.SPECS, "linear_many_bins": HistSpec.make("linear", bins=1000)}
 
 
 def layers(dtype: torch.dtype, specials: bool, seed: int = 0) -> list[torch.Tensor]:

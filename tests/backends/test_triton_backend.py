@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import raw_stats
+from helpers import SPECS, CountingKernel, raw_stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,13 +41,6 @@ EXACT_FIELDS = ("min", "max", "linf")  # maxima of float32-cast values: no round
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 NAN, INF = float("nan"), float("inf")
 
-SPECS = {
-    "none": None,
-    "log2": HistSpec.make("log2"),
-    "log2_narrow": HistSpec.make("log2", min_exp=-10, max_exp=3),
-    "linear_range": HistSpec.make("linear", bins=7, range=(-2.0, 2.0)),
-    "linear": HistSpec.make("linear", bins=5),
-}
 
 # Sizes around the 32-element chunk and the 16-element block, with empty tensors between non-empty ones.
 SIZES = (0, 1, 15, 16, 17, 33, 0, 100, 257)
@@ -63,51 +56,6 @@ SPECIALS = {
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-
-class Poison:
-    """Runs a call with ``torch.empty`` returning NaN-filled floats and minimum-value ints."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.monkeypatch = monkeypatch
-        self.allocations: list[torch.Tensor] = []
-        self.real_empty = torch.empty
-
-    def empty(self, *size, **kwargs) -> torch.Tensor:
-        t = self.real_empty(*size, **kwargs)
-        if t.dtype.is_floating_point:
-            t.fill_(NAN)
-        elif t.dtype != torch.bool:
-            t.fill_(torch.iinfo(t.dtype).min)
-        self.allocations.append(t)
-        return t
-
-    def __call__(self, fn, *args, **kwargs):
-        with self.monkeypatch.context() as patch:
-            patch.setattr(torch, "empty", self.empty)
-            return fn(*args, **kwargs)
-
-
-class CountingKernel:
-    """Stands in for a ``@triton.jit`` function and counts ``kernel[grid](...)`` launches."""
-
-    def __init__(self, kernel) -> None:
-        self.kernel = kernel
-        self.launches = 0
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def counted(*args, **kwargs):
-            self.launches += 1
-            return launch(*args, **kwargs)
-
-        return counted
-
-
-@pytest.fixture
-def poison(monkeypatch: pytest.MonkeyPatch) -> Poison:
-    return Poison(monkeypatch)
 
 
 @pytest.fixture
