@@ -5,24 +5,39 @@
    row (layout of rows.py) and each thread its own histogram counts; Python merges them in chunk order, so
    results do not depend on the number of threads.
 
-   Elements are converted to double one block at a time and summed in double, in LANES independent lanes the
-   compiler keeps in vector registers: squares of float32 values can neither overflow nor underflow there.
-   Squares are taken of deviations from a shift near the chunk's mean (the mean of its first block), so M2
-   keeps its precision when |mean| ≫ std.
+   Two paths. float32, bfloat16 and float16 chunks take the float32 path: FBLOCK elements at a time, as
+   float32, into FLANES float32 lanes the compiler keeps in vector registers, then each block's lane sums are
+   added into the chunk's row in float64. A block whose float32 sums could lose precision (a NaN or Inf, a
+   deviation whose square would over- or underflow float32) is summed again on the float64 path. float64
+   chunks take the float64 path: BLOCK elements at a time, in LANES float64 lanes. Either way squares are
+   taken of deviations from a shift near the chunk's mean (the mean of its first block), so M2 keeps its
+   precision when |mean| ≫ std.
 
-   Every histogram bin index is bounded before it is used, whatever the floating-point arithmetic gives. */
+   Histogram counts are taken per element in 32-bit counters and added into the 64-bit counts of a layer when
+   the next chunk belongs to another layer, when they could wrap, and at the end. Every histogram bin index
+   is bounded before it is used, whatever the floating-point arithmetic gives. */
 
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512BW__)
+#include <immintrin.h>
+#endif
 
 enum { N, SUM, M2, ABSSUM, ZEROS, NONFINITE, MAX, NEG_MIN, FMAX, NEG_FMIN, K };
 enum { PAIR_N, DOT, AA, BB, DD, PAIR_K };
 enum { F32, F64, BF16, F16 };        /* dtype codes: native_backend.DTYPE_CODES */
 enum { HIST_NONE, HIST_LOG2, HIST_LINEAR };
-enum { BLOCK = 2048, LANES = 16, COPIES = 4 };
+enum { BLOCK = 2048, LANES = 16, COPIES = 4 };  /* float64 path */
+enum { FBLOCK = 2048, FLANES = 32 };            /* float32 path (FBLOCK: a multiple of 64) */
+enum { CENTER_SAMPLE = 64 };                   /* elements whose mean shifts a float32 chunk */
+enum { FIELDS = 256 };                          /* float32 exponent fields */
+enum { COMPARED_FIELDS = 24 };                  /* the widest range of fields counted by comparisons */
+enum { JOINT_CELLS = 8192 };                    /* the largest joint (layer bin, total bin) count table */
+
+static const uint64_t FLUSH_AFTER = UINT32_MAX; /* elements a 32-bit count may take before its flush */
 
 static int64_t itemsize(int32_t dtype) { return dtype == F64 ? 8 : dtype == F32 ? 4 : 2; }
 
@@ -30,6 +45,11 @@ static int64_t itemsize(int32_t dtype) { return dtype == F64 ? 8 : dtype == F32 
 static const char *element(int64_t address, int64_t index, int32_t dtype) {
     return (const char *)(intptr_t)address + index * itemsize(dtype);
 }
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static double max2(double a, double b) { return a > b ? a : b; }
+
+/* ------------------------------------------------------------------------------------------ conversions */
 
 static double half_to_double(uint16_t h) {
     /* Bit by bit rather than through _Float16, which some compilers convert with a library call; subnormal
@@ -39,6 +59,16 @@ static double half_to_double(uint16_t h) {
     double magnitude;
     memcpy(&magnitude, &bits, sizeof magnitude);
     magnitude = exponent == 0 ? (double)mantissa * 0x1p-24 : magnitude;
+    return h & 0x8000 ? -magnitude : magnitude;
+}
+
+static float half_to_float(uint16_t h) {
+    /* As half_to_double; mantissa·2^-24 is exact in float32 too. */
+    uint32_t exponent = h >> 10 & 0x1f, mantissa = h & 0x3ff;
+    uint32_t bits = (exponent == 0x1f ? 0xffu : exponent + 112) << 23 | mantissa << 13;
+    float magnitude;
+    memcpy(&magnitude, &bits, sizeof magnitude);
+    magnitude = exponent == 0 ? (float)mantissa * 0x1p-24f : magnitude;
     return h & 0x8000 ? -magnitude : magnitude;
 }
 
@@ -63,7 +93,45 @@ static const double *as_double(const char *src, int32_t dtype, int64_t n, double
     return buf;
 }
 
-static double max2(double a, double b) { return a > b ? a : b; }
+/* The n elements of dtype (not F64) at src as floats: src itself for float32, else converted into buf. */
+static const float *as_float(const char *src, int32_t dtype, int64_t n, float *buf) {
+    if (dtype == F32) return (const float *)src;
+    const uint16_t *x = (const uint16_t *)src;
+    if (dtype == BF16) {
+        for (int64_t i = 0; i < n; i++) {
+            uint32_t bits = (uint32_t)x[i] << 16;
+            memcpy(&buf[i], &bits, sizeof bits);
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) buf[i] = half_to_float(x[i]);
+    }
+    return buf;
+}
+
+/* src as an array of kind F32 or BF16: src itself for those dtypes, float16 converted into buf (kind F32). */
+static const void *readable(const char *src, int32_t dtype, int64_t n, float *buf, int32_t *kind) {
+    *kind = dtype == F16 ? F32 : dtype;
+    return dtype == F16 ? (const void *)as_float(src, F16, n, buf) : (const void *)src;
+}
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* The bits of element i of src, an array of kind F32 or BF16, as those of a float32. */
+INLINE uint32_t float_bits(const void *src, int64_t i, int32_t kind) {
+    if (kind == BF16) return (uint32_t)((const uint16_t *)src)[i] << 16;
+    uint32_t bits;
+    memcpy(&bits, (const char *)src + 4 * i, sizeof bits);
+    return bits;
+}
+
+INLINE float load_float(const void *src, int64_t i, int32_t kind) {
+    uint32_t bits = float_bits(src, i, kind);
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* ------------------------------------------------------------------------------------ float64 moments */
 
 /* Per-lane partial moments; lane j takes elements j, j + LANES, ... of a block. sum and sumsq are of the
    deviations v - center. */
@@ -120,9 +188,97 @@ static void add_nonfinite(const double *x, int64_t n, double *row) {
     }
 }
 
-/* Histograms take two steps per block: the bin of each element (a loop the compiler vectorizes; bins: not
-   counted), then the counting, into COPIES interleaved arrays of bins + 1 counts so that runs of equal bins
-   do not wait on each other's increments. */
+/* ------------------------------------------------------------------------------------ float32 moments */
+
+typedef struct {
+    float sum[FLANES], sumsq[FLANES], abssum[FLANES], zeros[FLANES], lo[FLANES], hi[FLANES];
+} FloatMoments;
+
+/* Sums, minimum and maximum of FLANES lanes, folded in halves (loops the compiler vectorizes). */
+static double lane_sum(const float *lanes) {
+    double half[FLANES / 2];
+    for (int j = 0; j < FLANES / 2; j++) half[j] = (double)lanes[j] + (double)lanes[j + FLANES / 2];
+    for (int width = FLANES / 4; width > 0; width /= 2)
+        for (int j = 0; j < width; j++) half[j] += half[j + width];
+    return half[0];
+}
+
+static float lane_min(const float *lanes) {
+    float half[FLANES / 2];
+    for (int j = 0; j < FLANES / 2; j++)
+        half[j] = lanes[j + FLANES / 2] < lanes[j] ? lanes[j + FLANES / 2] : lanes[j];
+    for (int width = FLANES / 4; width > 0; width /= 2)
+        for (int j = 0; j < width; j++) half[j] = half[j + width] < half[j] ? half[j + width] : half[j];
+    return half[0];
+}
+
+static float lane_max(const float *lanes) {
+    float half[FLANES / 2];
+    for (int j = 0; j < FLANES / 2; j++)
+        half[j] = lanes[j + FLANES / 2] > lanes[j] ? lanes[j + FLANES / 2] : lanes[j];
+    for (int width = FLANES / 4; width > 0; width /= 2)
+        for (int j = 0; j < width; j++) half[j] = half[j + width] > half[j] ? half[j + width] : half[j];
+    return half[0];
+}
+
+static inline void add_float_moment(FloatMoments *m, int j, float v, float center) {
+    float d = v - center;
+    m->sum[j] += d;
+    m->sumsq[j] += d * d;
+    m->abssum[j] += fabsf(v);
+    m->zeros[j] += v == 0.0f;
+    m->lo[j] = v < m->lo[j] ? v : m->lo[j];
+    m->hi[j] = v > m->hi[j] ? v : m->hi[j];
+}
+
+/* add_moments for a float32 block x[0:n] (n <= FBLOCK), summed in float32 lanes. The float32 sums are kept
+   only when they are as good as float64 ones to well within float32 rounding: every value finite (a finite
+   Σ|x|) and the largest deviation |x - center| zero or within [2^-40, 2^40], so that no square overflows
+   and those that underflow weigh less than 2^-60 of Σ(x - center)². Returns 1 when it added them, 0 (row
+   untouched) when the block must be summed on the float64 path. */
+INLINE int float_moments(const void *restrict x, int32_t kind, int64_t n, float center, double *restrict row) {
+    FloatMoments m;
+    for (int j = 0; j < FLANES; j++) {
+        m.sum[j] = m.sumsq[j] = m.abssum[j] = m.zeros[j] = 0.0f;
+        m.lo[j] = INFINITY, m.hi[j] = -INFINITY;
+    }
+    int64_t i = 0;
+    for (; i + FLANES <= n; i += FLANES)
+        for (int j = 0; j < FLANES; j++) add_float_moment(&m, j, load_float(x, i + j, kind), center);
+    for (int j = 0; i < n; i++, j++) add_float_moment(&m, j, load_float(x, i, kind), center);
+    double sum = lane_sum(m.sum), sumsq = lane_sum(m.sumsq), abssum = lane_sum(m.abssum);
+    double zeros = lane_sum(m.zeros);
+    float lo = lane_min(m.lo), hi = lane_max(m.hi);
+    double deviation = max2((double)hi - center, (double)center - lo);
+    if (!isfinite(abssum) || !(deviation == 0.0 || (deviation >= 0x1p-40 && deviation <= 0x1p40))) return 0;
+    row[SUM] += sum;
+    row[M2] += sumsq;
+    row[ABSSUM] += abssum;
+    row[ZEROS] += zeros;
+    row[MAX] = max2(row[MAX], hi);
+    row[NEG_MIN] = max2(row[NEG_MIN], -lo);
+    return 1;
+}
+
+/* float_moments of x of kind F32 or BF16, the compiler's copy for each. */
+static int add_float_moments(const void *x, int32_t kind, int64_t n, float center, double *row) {
+    return kind == F32 ? float_moments(x, F32, n, center, row) : float_moments(x, BF16, n, center, row);
+}
+
+/* The float32 mean of x's first min(n, CENTER_SAMPLE) elements (n > 0), x of kind F32 or BF16, or 0 when it
+   is not finite. */
+static float float_block_mean(const void *x, int32_t kind, int64_t n) {
+    double sum = 0.0;
+    n = min64(n, CENTER_SAMPLE);
+    for (int64_t i = 0; i < n; i++) sum += load_float(x, i, kind);
+    return isfinite(sum) ? (float)(sum / (double)n) : 0.0f;
+}
+
+/* ------------------------------------------------------------------------------------------ histograms */
+
+/* Histograms take two steps per block: the bin of each element (a loop the compiler vectorizes), then the
+   counting, into COPIES interleaved arrays of counts so that runs of equal bins do not wait on each other's
+   increments. */
 
 /* floor(log2|x|) from the float64 exponent field, which for every float32, bfloat16 and float16 value is
    that of float32 (float32 subnormals, below 2^-126, fall under every bin and are clamped into the first). */
@@ -159,6 +315,29 @@ static void linear_bins(const double *x, int64_t n, const float *lo_hi_scale, in
     }
 }
 
+/* linear_bins of the float32 values of x, of kind F32 or BF16. An uncounted value's position may be NaN or
+   Inf: the clamps bound it before its conversion, and its bin is the spill bin anyway. */
+INLINE void float_linear_bins(const void *x, int32_t kind, int64_t n, const float *lo_hi_scale, int32_t bins,
+                              int32_t *bin) {
+    float lo = lo_hi_scale[0], hi = lo_hi_scale[1], scale = lo_hi_scale[2];
+    float scaled_lo = lo * scale, width = hi * scale - scaled_lo, last = (float)(bins - 1);
+    for (int64_t i = 0; i < n; i++) {
+        float value = load_float(x, i, kind);
+        int32_t counted = (value >= lo) & (value <= hi);  /* false for NaN */
+        float position = (value * scale - scaled_lo) * (float)bins / width;
+        position = position > 0.0f ? position : 0.0f;  /* also maps NaN to 0 */
+        position = position < last ? position : last;
+        int32_t inside = (int32_t)position;  /* converted unconditionally: a loop without branches */
+        bin[i] = counted ? inside : bins;
+    }
+}
+
+static void linear_bins_float(const void *x, int32_t kind, int64_t n, const float *lo_hi_scale, int32_t bins,
+                              int32_t *bin) {
+    if (kind == F32) float_linear_bins(x, F32, n, lo_hi_scale, bins, bin);
+    else float_linear_bins(x, BF16, n, lo_hi_scale, bins, bin);
+}
+
 static void count_bins(const int32_t *bin, int64_t n, int32_t bins, uint32_t *counts) {
     int64_t i = 0;
     for (; i + COPIES <= n; i += COPIES)
@@ -173,6 +352,133 @@ static void flush_counts(uint32_t *counts, int32_t bins, int64_t *hist) {
     memset(counts, 0, sizeof *counts * COPIES * (bins + 1));
 }
 
+/* Joint counts of (first bin, second bin) pairs, cell first * (bins + 1) + second of COPIES interleaved
+   (bins + 1)² tables: one increment per element for two histograms. */
+static void count_joint(const int32_t *first, int32_t *second, int64_t n, int32_t bins, uint32_t *tables) {
+    int64_t cells = (int64_t)(bins + 1) * (bins + 1);
+    for (int64_t i = 0; i < n; i++) second[i] += first[i] * (bins + 1);
+    int64_t i = 0;
+    for (; i + COPIES <= n; i += COPIES)
+        for (int c = 0; c < COPIES; c++) tables[c * cells + second[i + c]]++;
+    for (; i < n; i++) tables[second[i]]++;
+}
+
+/* Adds the joint tables' margins into hist[0:bins] (first bins) and total[0:bins] (second bins), clears
+   them. */
+static void flush_joint(uint32_t *tables, int32_t bins, int64_t *hist, int64_t *total) {
+    int64_t cells = (int64_t)(bins + 1) * (bins + 1);
+    for (int c = 1; c < COPIES; c++)
+        for (int64_t cell = 0; cell < cells; cell++) tables[cell] += tables[c * cells + cell];
+    for (int32_t a = 0; a <= bins; a++) {
+        const uint32_t *line = tables + (int64_t)a * (bins + 1);
+        int64_t across = 0;
+        for (int32_t b = 0; b < bins; b++) {
+            across += line[b];
+            total[b] += line[b];
+        }
+        if (a < bins) hist[a] += across + line[bins];
+    }
+    memset(tables, 0, sizeof *tables * COPIES * cells);
+}
+
+/* Exponent-field counts of float32 values. */
+
+typedef uint8_t Bytes __attribute__((vector_size(64)));
+typedef uint64_t Words __attribute__((vector_size(64)));
+
+/* The sums of each 8 consecutive bytes of b. */
+static inline Words byte_sums(Bytes b) {
+#if defined(__AVX512BW__)
+    return (Words)_mm512_sad_epu8((__m512i)b, _mm512_setzero_si512());
+#else
+    Words words = (Words)b;
+    words = (words & 0x00ff00ff00ff00ffull) + (words >> 8 & 0x00ff00ff00ff00ffull);
+    words = (words & 0x0000ffff0000ffffull) + (words >> 16 & 0x0000ffff0000ffffull);
+    return (words & 0xffffffffull) + (words >> 32);
+#endif
+}
+
+/* Exponent-field counts of one thread: counts[c * FIELDS + field] counted one by one, sums[field] the byte
+   sums of comparisons. */
+typedef struct {
+    uint32_t counts[COPIES * FIELDS];
+    Words sums[FIELDS];
+} FieldCounts;
+
+/* Adds to sums[value] the 8-byte sums of how many of the count * 64 bytes of fields equal value
+   (count <= 255). */
+static inline void count_equal(const Bytes *fields, int64_t count, uint8_t value, Words *sums) {
+    Bytes hits = {0};
+    for (int64_t k = 0; k < count; k++) hits -= (Bytes)(fields[k] == value);  /* == gives -1 or 0 */
+    sums[value] += byte_sums(hits);
+}
+
+/* Adds the exponent fields (bits 23-30) of float32 x[0:n] (n <= FBLOCK) to counts. A full block whose
+   non-zero fields span at most COMPARED_FIELDS values (real gradients span about 20) is counted by comparing
+   64 fields at a time with each value; others one by one. */
+INLINE void fields_of(const void *restrict x, int32_t kind, int64_t n, FieldCounts *restrict counts) {
+    _Alignas(64) uint8_t field[FBLOCK];
+    uint8_t lowest = 0xff, highest = 0;  /* of field - 1 (zeros and subnormals wrap to 255) and of field */
+    for (int64_t i = 0; i < n; i++) {
+        uint8_t f = kind == BF16 ? ((const uint16_t *)x)[i] >> 7 & 0xff : float_bits(x, i, F32) >> 23 & 0xff;
+        uint8_t below = f - 1;
+        field[i] = f;
+        lowest = below < lowest ? below : lowest;
+        highest = f > highest ? f : highest;
+    }
+    int32_t first = lowest + 1, last = highest;  /* first = 256 when every field is 0 */
+    if (n != FBLOCK || last - first + 1 > COMPARED_FIELDS) {
+        int64_t i = 0;
+        for (; i + COPIES <= n; i += COPIES)
+            for (int c = 0; c < COPIES; c++) counts->counts[c * FIELDS + field[i + c]]++;
+        for (; i < n; i++) counts->counts[field[i]]++;
+        return;
+    }
+    const Bytes *fields = (const Bytes *)field;
+    count_equal(fields, FBLOCK / 64, 0, counts->sums);
+    for (int32_t f = first; f <= last; f++) count_equal(fields, FBLOCK / 64, (uint8_t)f, counts->sums);
+}
+
+static void count_fields(const void *x, int32_t kind, int64_t n, FieldCounts *counts) {
+    if (kind == F32) fields_of(x, F32, n, counts);
+    else fields_of(x, BF16, n, counts);
+}
+
+/* Adds the exponent-field counts, less `zeros` zeros from field 0, into the log2 bins hist[0:bins] of
+   exponents min_exp ... (fields 0 and 1 to the first bin, field 255, NaN and Inf, to none), clears them. */
+static void flush_fields(FieldCounts *counts, int64_t zeros, int32_t min_exp, int32_t bins, int64_t *hist) {
+    for (int32_t f = 0; f < FIELDS - 1; f++) {
+        int64_t total = f == 0 ? -zeros : 0;
+        for (int c = 0; c < COPIES; c++) total += counts->counts[c * FIELDS + f];
+        for (int w = 0; w < 8; w++) total += (int64_t)counts->sums[f][w];
+        int32_t exponent = f - 127 < min_exp ? min_exp : f - 127;
+        exponent = exponent > min_exp + bins - 1 ? min_exp + bins - 1 : exponent;
+        hist[exponent - min_exp] += total;
+    }
+    memset(counts, 0, sizeof *counts);
+}
+
+/* ---------------------------------------------------------------------------------------- tensor stats */
+
+/* Sums a float64 chunk (addr, numel) into row on the float64 path; histogram counts as in fgs_tensor_stats.
+   Returns the shift. */
+static double double_chunk(const double *x_all, int64_t numel, double *row, int32_t hist_kind, int32_t bins,
+                           int32_t min_exp, const float *range, uint32_t *counts, int32_t *bin) {
+    double center = 0.0;
+    for (int64_t start = 0; start < numel; start += BLOCK) {
+        int64_t n = min64(numel - start, BLOCK);
+        const double *x = x_all + start;
+        if (start == 0) center = block_mean(x, n);
+        add_moments(x, n, center, row);
+        if (hist_kind != HIST_NONE) {
+            if (hist_kind == HIST_LOG2) log2_bins(x, n, min_exp, bins, bin);
+            else linear_bins(x, n, range, bins, bin);
+            count_bins(bin, n, bins, counts);
+        }
+    }
+    return center;
+}
+
 /* Raw rows of chunks [first, last): chunk c holds numel[c] elements of dtype[c] at address addr[c] and
    belongs to layer layer[c]; its row goes to rows[c * K : (c + 1) * K].
 
@@ -185,22 +491,46 @@ int fgs_tensor_stats(int64_t first, int64_t last, const int64_t *addr, const int
                      const int32_t *dtype, const int64_t *layer, double *rows, int32_t hist_kind,
                      int32_t bins, int32_t min_exp, const float *ranges, int64_t *hist) {
     double buf[BLOCK];
+    float fbuf[FBLOCK];
     int32_t bin[BLOCK];
+    /* bin counts of float64 chunks and of linear histograms; exponent-field counts of float32 ones */
     uint32_t *counts = calloc((size_t)COPIES * (bins + 1), sizeof *counts);
-    if (!counts) return -1;
+    FieldCounts *field_counts = aligned_alloc(64, sizeof *field_counts);
+    if (!counts || !field_counts) {
+        free(counts);
+        free(field_counts);
+        return -1;
+    }
+    memset(field_counts, 0, sizeof *field_counts);
+    int64_t pending = 0, pending_zeros = 0;  /* elements and zeros in field_counts */
     for (int64_t c = first; c < last; c++) {
         double *row = rows + c * K;
         for (int f = 0; f < K; f++) row[f] = f < MAX ? 0.0 : -INFINITY;
+        const float *range = hist_kind == HIST_LINEAR ? ranges + 3 * layer[c] : NULL;
         double center = 0.0;
-        for (int64_t start = 0; start < numel[c]; start += BLOCK) {
-            int64_t n = numel[c] - start < BLOCK ? numel[c] - start : BLOCK;
-            const double *x = as_double(element(addr[c], start, dtype[c]), dtype[c], n, buf);
-            if (start == 0) center = block_mean(x, n);
-            add_moments(x, n, center, row);
-            if (hist_kind != HIST_NONE) {
-                if (hist_kind == HIST_LOG2) log2_bins(x, n, min_exp, bins, bin);
-                else linear_bins(x, n, ranges + 3 * layer[c], bins, bin);
-                count_bins(bin, n, bins, counts);
+        if (dtype[c] == F64) {
+            center = double_chunk((const double *)element(addr[c], 0, F64), numel[c], row, hist_kind, bins,
+                                  min_exp, range, counts, bin);
+        } else {
+            float shift = 0.0f;
+            for (int64_t start = 0; start < numel[c]; start += FBLOCK) {
+                int64_t n = min64(numel[c] - start, FBLOCK);
+                int32_t kind;
+                const void *x = readable(element(addr[c], start, dtype[c]), dtype[c], n, fbuf, &kind);
+                if (start == 0) shift = float_block_mean(x, kind, n);
+                if (!add_float_moments(x, kind, n, shift, row))
+                    add_moments(as_double(x, kind, n, buf), n, shift, row);
+                if (hist_kind == HIST_LOG2) {
+                    count_fields(x, kind, n, field_counts);
+                } else if (hist_kind == HIST_LINEAR) {
+                    linear_bins_float(x, kind, n, range, bins, bin);
+                    count_bins(bin, n, bins, counts);
+                }
+            }
+            center = shift;
+            if (hist_kind == HIST_LOG2) {
+                pending += numel[c];
+                pending_zeros += (int64_t)row[ZEROS];
             }
         }
         row[N] = (double)numel[c];
@@ -212,43 +542,78 @@ int fgs_tensor_stats(int64_t first, int64_t last, const int64_t *addr, const int
             row[NEG_FMIN] = row[NEG_MIN];
         } else {
             for (int64_t start = 0; start < numel[c]; start += BLOCK) {
-                int64_t n = numel[c] - start < BLOCK ? numel[c] - start : BLOCK;
+                int64_t n = min64(numel[c] - start, BLOCK);
                 add_nonfinite(as_double(element(addr[c], start, dtype[c]), dtype[c], n, buf), n, row);
             }
+        }
+        int layer_ends = c + 1 == last || layer[c + 1] != layer[c];
+        if (hist_kind == HIST_LOG2 && pending > 0
+            && (layer_ends || pending + numel[c + 1] > (int64_t)FLUSH_AFTER)) {
+            flush_fields(field_counts, pending_zeros, min_exp, bins, hist + layer[c] * bins);
+            pending = pending_zeros = 0;
         }
         if (hist_kind != HIST_NONE) flush_counts(counts, bins, hist + layer[c] * bins);
     }
     free(counts);
+    free(field_counts);
     return 0;
 }
 
 /* Linear histograms of chunks [first, last) (as in fgs_tensor_stats) over each layer's range, added to
    hist[layer * bins + bin], and over ranges[3 * num_layers : 3 * num_layers + 3], added to total[bin].
-   The 32-bit counts are flushed into the 64-bit ones after every chunk, so they cannot wrap.
+   The 32-bit counts are flushed into the 64-bit ones when the layer changes and before they could wrap.
    Returns 0, or -1 when out of memory. */
 int fgs_linear_hist(int64_t first, int64_t last, const int64_t *addr, const int64_t *numel,
                     const int32_t *dtype, const int64_t *layer, int32_t bins, const float *ranges,
                     int64_t num_layers, int64_t *hist, int64_t *total) {
     double buf[BLOCK];
-    int32_t bin[BLOCK];
-    uint32_t *counts = calloc((size_t)2 * COPIES * (bins + 1), sizeof *counts);
-    uint32_t *total_counts = counts + COPIES * (bins + 1);
+    float fbuf[BLOCK];
+    int32_t layer_bin[BLOCK], total_bin[BLOCK];
+    int joint = (int64_t)(bins + 1) * (bins + 1) <= JOINT_CELLS;
+    size_t cells = (size_t)COPIES * (joint ? (size_t)(bins + 1) * (bins + 1) : (size_t)2 * (bins + 1));
+    uint32_t *counts = calloc(cells, sizeof *counts);
     if (!counts) return -1;
+    uint32_t *total_counts = joint ? NULL : counts + COPIES * (bins + 1);
+    const float *total_range = ranges + 3 * num_layers;
+    int64_t pending = 0;
     for (int64_t c = first; c < last; c++) {
+        const float *range = ranges + 3 * layer[c];
         for (int64_t start = 0; start < numel[c]; start += BLOCK) {
-            int64_t n = numel[c] - start < BLOCK ? numel[c] - start : BLOCK;
-            const double *x = as_double(element(addr[c], start, dtype[c]), dtype[c], n, buf);
-            linear_bins(x, n, ranges + 3 * layer[c], bins, bin);
-            count_bins(bin, n, bins, counts);
-            linear_bins(x, n, ranges + 3 * num_layers, bins, bin);
-            count_bins(bin, n, bins, total_counts);
+            int64_t n = min64(numel[c] - start, BLOCK);
+            const char *src = element(addr[c], start, dtype[c]);
+            if (dtype[c] == F64) {
+                const double *x = as_double(src, F64, n, buf);
+                linear_bins(x, n, range, bins, layer_bin);
+                linear_bins(x, n, total_range, bins, total_bin);
+            } else {
+                int32_t kind;
+                const void *x = readable(src, dtype[c], n, fbuf, &kind);
+                linear_bins_float(x, kind, n, range, bins, layer_bin);
+                linear_bins_float(x, kind, n, total_range, bins, total_bin);
+            }
+            if (joint) {
+                count_joint(layer_bin, total_bin, n, bins, counts);
+            } else {
+                count_bins(layer_bin, n, bins, counts);
+                count_bins(total_bin, n, bins, total_counts);
+            }
         }
-        flush_counts(counts, bins, hist + layer[c] * bins);
-        flush_counts(total_counts, bins, total);
+        pending += numel[c];
+        if (c + 1 == last || layer[c + 1] != layer[c] || pending + numel[c + 1] > (int64_t)FLUSH_AFTER) {
+            if (joint) {
+                flush_joint(counts, bins, hist + layer[c] * bins, total);
+            } else {
+                flush_counts(counts, bins, hist + layer[c] * bins);
+                flush_counts(total_counts, bins, total);
+            }
+            pending = 0;
+        }
     }
     free(counts);
     return 0;
 }
+
+/* ----------------------------------------------------------------------------------------------- pairs */
 
 /* Per-lane partial pair sums, lanes as in Moments. */
 typedef struct {
@@ -279,19 +644,83 @@ static void add_pair_sums(const double *restrict a, const double *restrict b, co
     }
 }
 
+typedef struct {
+    float dot[FLANES], aa[FLANES], bb[FLANES], dd[FLANES];
+} FloatPairSums;
+
+static inline void add_float_pair(FloatPairSums *p, int j, float a, float b, float o) {
+    float x = a - o, y = b - o, d = a - b;
+    p->dot[j] += x * y;
+    p->aa[j] += x * x;
+    p->bb[j] += y * y;
+    p->dd[j] += d * d;
+}
+
+/* add_pair_sums of blocks of kind F32 or BF16 (n <= FBLOCK), summed in float32 lanes (o: NULL for no
+   origin). The sums are kept when each of Σ(a - o)², Σ(b - o)², Σ(a - b)² is finite and either 0 (every term
+   below 2^-75) or at least 2^-100, so that the squares that underflow weigh less than 2^-40 of it. Returns 1
+   when it added them, 0 (row untouched) when the block must be summed on the float64 path. */
+INLINE int float_pair_sums(const void *restrict a, const void *restrict b, const void *restrict o, int32_t kind,
+                           int64_t n, double *restrict row) {
+    FloatPairSums p;
+    for (int j = 0; j < FLANES; j++) p.dot[j] = p.aa[j] = p.bb[j] = p.dd[j] = 0.0f;
+    int64_t i = 0;
+    if (o) {
+        for (; i + FLANES <= n; i += FLANES)
+            for (int j = 0; j < FLANES; j++)
+                add_float_pair(&p, j, load_float(a, i + j, kind), load_float(b, i + j, kind),
+                               load_float(o, i + j, kind));
+        for (int j = 0; i < n; i++, j++)
+            add_float_pair(&p, j, load_float(a, i, kind), load_float(b, i, kind), load_float(o, i, kind));
+    } else {
+        for (; i + FLANES <= n; i += FLANES)
+            for (int j = 0; j < FLANES; j++)
+                add_float_pair(&p, j, load_float(a, i + j, kind), load_float(b, i + j, kind), 0.0f);
+        for (int j = 0; i < n; i++, j++)
+            add_float_pair(&p, j, load_float(a, i, kind), load_float(b, i, kind), 0.0f);
+    }
+    double dot = lane_sum(p.dot), aa = lane_sum(p.aa), bb = lane_sum(p.bb), dd = lane_sum(p.dd);
+    double squares[3] = {aa, bb, dd};
+    for (int s = 0; s < 3; s++)
+        if (!isfinite(squares[s]) || (squares[s] != 0.0 && squares[s] < 0x1p-100)) return 0;
+    row[DOT] += dot;
+    row[AA] += aa;
+    row[BB] += bb;
+    row[DD] += dd;
+    return 1;
+}
+
+/* float_pair_sums of a, b and o (or NULL) of the given dtypes, not F64: read as they are when they share
+   kind F32 or BF16, else each converted to float32 into its buffer first. */
+static int add_float_pair_sums(const char *a, const char *b, const char *o, const int32_t *dt, int64_t n,
+                               float *a_buf, float *b_buf, float *o_buf, double *row) {
+    if ((dt[0] == F32 || dt[0] == BF16) && dt[1] == dt[0] && (!o || dt[2] == dt[0]))
+        return dt[0] == F32 ? float_pair_sums(a, b, o, F32, n, row) : float_pair_sums(a, b, o, BF16, n, row);
+    const float *x = as_float(a, dt[0], n, a_buf), *y = as_float(b, dt[1], n, b_buf);
+    return float_pair_sums(x, y, o ? as_float(o, dt[2], n, o_buf) : NULL, F32, n, row);
+}
+
 /* Pair rows of chunks [first, last): chunk c pairs numel[c] elements at a_addr[c] and b_addr[c] (and
    o_addr[c], unless it is 0: no origin), of dtypes dtypes[3 * c : 3 * c + 3]; its row goes to
-   rows[c * PAIR_K : (c + 1) * PAIR_K]. Returns 0. */
+   rows[c * PAIR_K : (c + 1) * PAIR_K]. Chunks with a float64 list take the float64 path, the others the
+   float32 path. Returns 0. */
 int fgs_pair_stats(int64_t first, int64_t last, const int64_t *a_addr, const int64_t *b_addr,
                    const int64_t *o_addr, const int32_t *dtypes, const int64_t *numel, double *rows) {
     double a_buf[BLOCK], b_buf[BLOCK], o_buf[BLOCK], no_origin[BLOCK] = {0};
+    float a_fbuf[FBLOCK], b_fbuf[FBLOCK], o_fbuf[FBLOCK];
     for (int64_t c = first; c < last; c++) {
         double *row = rows + c * PAIR_K;
         const int32_t *dt = dtypes + 3 * c;
         memset(row, 0, sizeof *row * PAIR_K);
         row[PAIR_N] = (double)numel[c];
-        for (int64_t start = 0; start < numel[c]; start += BLOCK) {
-            int64_t n = numel[c] - start < BLOCK ? numel[c] - start : BLOCK;
+        int wide = dt[0] == F64 || dt[1] == F64 || (o_addr[c] && dt[2] == F64);
+        int64_t block = wide ? BLOCK : FBLOCK;
+        for (int64_t start = 0; start < numel[c]; start += block) {
+            int64_t n = min64(numel[c] - start, block);
+            if (!wide && add_float_pair_sums(element(a_addr[c], start, dt[0]), element(b_addr[c], start, dt[1]),
+                                             o_addr[c] ? element(o_addr[c], start, dt[2]) : NULL, dt, n,
+                                             a_fbuf, b_fbuf, o_fbuf, row))
+                continue;
             const double *a = as_double(element(a_addr[c], start, dt[0]), dt[0], n, a_buf);
             const double *b = as_double(element(b_addr[c], start, dt[1]), dt[1], n, b_buf);
             const double *o = o_addr[c] ? as_double(element(o_addr[c], start, dt[2]), dt[2], n, o_buf)
