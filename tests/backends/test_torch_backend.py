@@ -489,7 +489,8 @@ def test_to_dict_holds_plain_python_values(backend):
     result = fgs.tensor_stats(tensors, names=["w", "b", "e"], hist="log2", backend=backend).to_dict()
     assert set(result) == {"layers", "total"} and list(result["layers"]) == ["w", "b", "e"]
     for values in [*result["layers"].values(), result["total"]]:
-        assert set(values) == {*FIELDS, "hist", "hist_edges"}
+        assert set(values) == {*FIELDS, "mean_abs", "hist", "hist_edges", "hist_sum", "hist_sum_squares",
+                               "hist_kind"}
         for name in FIELDS:
             want = int if name in oracle.COUNT_FIELDS else float
             assert type(values[name]) is want, name
