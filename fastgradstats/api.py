@@ -10,7 +10,7 @@ import torch.distributed as dist
 from . import dispatch
 from .distributed import localize
 from .hist import DEFAULT_MAX_EXP, DEFAULT_MIN_EXP, HistSpec
-from .results import TensorStats
+from .results import LayerStats, TensorStats
 from .split import Split, split_names, split_parts
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -69,6 +69,16 @@ def tensor_stats(
     names, groups = split_names(names, parts, "tensor_stats")
     stats = TensorStats.from_raw(dispatch.raw_stats(local, spec, backend, reducer), names, spec)
     stats.splits = groups
+    return derived_now(stats) if torch.compiler.is_compiling() else stats
+
+
+def derived_now(stats: LayerStats) -> LayerStats:
+    """``stats`` (and its total) with every field derived now, as torch ops in the graph being traced: the
+    lazy derivation of results (a ``functools.cached_property``, which takes a lock) is not traceable by
+    Dynamo, so inside ``torch.compile`` results come out derived."""
+    for result in (stats, stats.total):
+        if "_derived" not in result.__dict__:
+            result.__dict__["_derived"] = result._derive(result.rows)
     return stats
 
 

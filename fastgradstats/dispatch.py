@@ -19,6 +19,7 @@ from typing import Protocol
 
 import torch
 
+from . import ops
 from .backends import native_backend, torch_backend
 from .dense import flat_elements
 from .distributed import Reducer
@@ -146,7 +147,13 @@ def raw_stats(
     reducer: Reducer | None = None, **options,
 ) -> RawStats:
     """Raw rows (and histograms) of validated tensors (one device, floating dtypes, any dense layout) from
-    the chosen backend: :func:`run_raw_stats` with its module."""
+    the chosen backend: :func:`run_raw_stats` with its module.
+
+    Inside ``torch.compile`` (:func:`compiling`) the call goes through the custom op
+    ``fastgradstats::raw_stats`` (:mod:`fastgradstats.ops`), whose implementation is this eager call.
+    """
+    if compiling(tensors, reducer, options):
+        return ops.raw_stats(list(tensors), spec, backend)
     device = tensors[0].device if tensors else torch.device("cpu")
     impl = backend_module(resolve_backend(backend, device if tensors else None))
     with _current_device(device):
@@ -176,6 +183,59 @@ def run_raw_stats(
     if reducer is not None:
         reducer.merge_sums(raw)
     return raw
+
+
+def compiling(tensors: Sequence[torch.Tensor], reducer: Reducer | None, options: dict) -> bool:
+    """True when Dynamo is tracing a call of non-empty ``tensors``: it then goes through the custom ops of
+    :mod:`fastgradstats.ops` (an empty call is plain torch ops, traceable as it is). Eager calls launch their
+    kernels directly, so that the launch counts of :mod:`fastgradstats.launches` see each kernel and the
+    dispatcher adds nothing.
+
+    Raises NotImplementedError inside ``torch.compile`` for sharded tensors (``group=``, DTensors) and for
+    backend tuning ``options``, which the ops do not take.
+    """
+    if not torch.compiler.is_compiling() or not tensors:
+        return False
+    if reducer is not None:
+        raise NotImplementedError("fastgradstats inside torch.compile: sharded tensors (group=, DTensors) "
+                                  "are not supported there yet; call it outside the compiled region")
+    if options:
+        raise NotImplementedError(f"fastgradstats inside torch.compile: backend options {sorted(options)} "
+                                  "are not supported there")
+    return True
+
+
+def finalizes(backend: str | None, device: torch.device) -> bool:
+    """True when the rows of ``backend`` on ``device`` are derived by the Triton finalize kernel; inside
+    ``torch.compile`` rows are derived by torch ops in the caller's graph, which Inductor fuses."""
+    return not torch.compiler.is_compiling() and resolve_backend(backend, device) == "triton"
+
+
+@torch.no_grad()
+def layer_pair_rows(
+    a: Sequence[torch.Tensor],
+    b: Sequence[torch.Tensor],
+    origin: Sequence[torch.Tensor] | None,
+    backend: str | None,
+    reducer: Reducer | None = None,
+) -> torch.Tensor:
+    """Pair rows [L, PAIR_K] of validated layers a[i], b[i] (and origin[i]) of matching shapes, any layouts:
+    each layer is read in storage order when its tensors share their strides, else the non-contiguous ones
+    are copied first (:func:`pair_layer_flats`); then :func:`pair_raw_stats`. Inside ``torch.compile`` the
+    call goes through the custom op ``fastgradstats::pair_rows``, whose implementation is this eager call."""
+    if compiling(a, reducer, {}):
+        return ops.pair_rows(list(a), list(b), None if origin is None else list(origin), backend)
+    flats = [pair_layer_flats(a[i], b[i], None if origin is None else origin[i]) for i in range(len(a))]
+    origin_flat = None if origin is None else [f[2] for f in flats]
+    return pair_raw_stats([f[0] for f in flats], [f[1] for f in flats], origin_flat, backend, reducer)
+
+
+def pair_layer_flats(a: torch.Tensor, b: torch.Tensor, origin: torch.Tensor | None) -> list[torch.Tensor]:
+    """1-D views of one layer's tensors with matching element order (copies only when layouts differ)."""
+    tensors = [t for t in (a, b, origin) if t is not None]
+    if all(t.stride() == a.stride() for t in tensors):
+        return [flat_elements(t) for t in tensors]
+    return [t.reshape(-1) for t in tensors]
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ Inputs:
 
 from __future__ import annotations
 
-import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -36,18 +36,11 @@ from .rows import FIRST_MAX, FMAX, M2, NEG_FMIN, SUM, N, RawStats
 from .split import expand, part_slices
 
 
-@functools.cache
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return None
-    return DTensor
-
-
 def is_dtensor(t: object) -> bool:
-    dtensor = _dtensor_type()
-    return dtensor is not None and isinstance(t, dtensor)
+    """True for a DTensor. Without ``torch.distributed.tensor`` imported there can be none, so this reads
+    ``sys.modules`` instead of importing it (and stays traceable by Dynamo, which a cached import is not)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 @dataclass

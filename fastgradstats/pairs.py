@@ -9,8 +9,7 @@ import torch
 import torch.distributed as dist
 
 from . import dispatch
-from .api import SUPPORTED_DTYPES, _check_names
-from .dense import flat_elements
+from .api import SUPPORTED_DTYPES, _check_names, derived_now
 from .distributed import localize, same_sharding
 from .results import PairStats
 from .split import Split, split_names, split_parts
@@ -83,16 +82,11 @@ def pair_stats(
     if origin_list is not None:
         origin_list, _ = localize(origin_list, names, group, "pair_stats", parts)
     names, groups = split_names(names, parts, "pair_stats")
-    flats = [_flat_layer(a_list[i], b_list[i], None if origin_list is None else origin_list[i])
-             for i in range(len(names))]
-    a_flat = [f[0] for f in flats]
-    b_flat = [f[1] for f in flats]
-    origin_flat = None if origin_list is None else [f[2] for f in flats]
-    rows = dispatch.pair_raw_stats(a_flat, b_flat, origin_flat, backend, reducer)
-    on_triton = bool(a_flat) and dispatch.resolve_backend(backend, a_flat[0].device) == "triton"
+    rows = dispatch.layer_pair_rows(a_list, b_list, origin_list, backend, reducer)
+    on_triton = bool(a_list) and dispatch.finalizes(backend, a_list[0].device)
     stats = PairStats.from_rows(rows, names, triton=on_triton)
     stats.splits = groups
-    return stats
+    return derived_now(stats) if torch.compiler.is_compiling() else stats
 
 
 def cosine_similarity(
@@ -196,11 +190,3 @@ def _check_layer(name: str, a: torch.Tensor, other: torch.Tensor, label: str) ->
                          f"{tuple(other.shape)} in {label}")
     if a.device != other.device:
         raise ValueError(f"pair_stats: layer '{name}' is on {a.device} in a but on {other.device} in {label}")
-
-
-def _flat_layer(a: torch.Tensor, b: torch.Tensor, origin: torch.Tensor | None) -> list[torch.Tensor]:
-    """1-D views of one layer's tensors with matching element order (copies only when layouts differ)."""
-    tensors = [t for t in (a, b, origin) if t is not None]
-    if all(t.stride() == a.stride() for t in tensors):
-        return [flat_elements(t) for t in tensors]
-    return [t.reshape(-1) for t in tensors]
