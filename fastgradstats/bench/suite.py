@@ -172,29 +172,21 @@ class Row:
     extra_peak_bytes: int | None = None  # optim family: peak memory above the training state (optim_memory)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls after ``warmup`` calls.
-
-    On CUDA each call is timed with CUDA events, with a synchronize before and after it.
-    """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            with torch.cuda.device(device):  # events record on the device's current stream
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
+def call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one ``fn()`` in milliseconds; on CUDA timed with CUDA events, with a synchronize before
+    and after it."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # events record on the device's current stream
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
             fn()
-            times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
+            end.record()
+            torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    began = time.perf_counter()
+    fn()
+    return (time.perf_counter() - began) * 1e3
 
 
 def count_cuda_syncs(fn: Callable[[], object]) -> int:
@@ -239,50 +231,89 @@ class Measured:
 
 
 class Timings:
-    """Candidates measured on one workload, each once: a baseline shared by families, the floor of a size.
+    """Candidates measured on one workload in interleaved rounds: each is registered once (a baseline shared
+    by families, the floor of a size), then :meth:`measure` times every one of them once per round, round
+    after round, and keeps each one's median. A read floor that varies 2x from run to run on a busy machine
+    then varies alike for the candidates beside it.
 
-    A measurement that raises a RuntimeError (out of memory included) is kept as its error message.
+    A candidate that raises a RuntimeError (out of memory included) is kept as its error message and left
+    out of the later rounds.
     """
 
     def __init__(self, device: torch.device, repeats: int, warmup: int) -> None:
         self.device, self.repeats, self.warmup = device, repeats, warmup
+        self.candidates: dict[str, Callable[[], Callable[[], object]]] = {}
         self.measured: dict[str, Measured] = {}
 
-    def time(self, key: str, fn: Callable[[], object]) -> Measured:
-        """The median ms of ``fn()``, then the launches and host syncs of one more call."""
-        return self._once(key, lambda: self._measure(fn))
+    def time(self, key: str, fn: Callable[[], object]) -> str:
+        """Register ``fn`` under ``key`` (once: a key already there keeps its function); returns the key."""
+        self.candidates.setdefault(key, lambda: fn)
+        return key
 
-    def floor(self, num_bytes: int, dtype: torch.dtype) -> Measured:
-        """The read floor of ``num_bytes`` (its buffer made once, when first asked for)."""
-        return self._once(f"{FLOOR} {num_bytes}",
-                          lambda: self._measure(read_floor(num_bytes, dtype, self.device)))
+    def floor(self, num_bytes: int, dtype: torch.dtype) -> str:
+        """Register the read floor of ``num_bytes`` (its buffer made when measured); returns its key."""
+        key = f"{FLOOR} {num_bytes}"
+        self.candidates.setdefault(key, lambda: read_floor(num_bytes, dtype, self.device))
+        return key
 
-    def _once(self, key: str, measure: Callable[[], Measured]) -> Measured:
-        if key not in self.measured:
-            try:
-                self.measured[key] = measure()
-            except RuntimeError as error:
-                self.measured[key] = Measured(error=f"{type(error).__name__}: "
-                                                    f"{(str(error).splitlines() or [''])[0]}")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-        return self.measured[key]
+    def measure(self) -> dict[str, Measured]:
+        """Warm-up calls, then ``repeats`` interleaved rounds over every registered candidate, then the
+        launches (and on CUDA the host syncs) of one more call of each."""
+        calls: dict[str, Callable[[], object]] = {}
+        times: dict[str, list[float]] = {}
+        for key, make in self.candidates.items():
+            if key not in self.measured:
+                self._guard(key, lambda make=make, key=key: calls.__setitem__(key, make()))
+        for key, fn in list(calls.items()):
+            for _ in range(self.warmup):
+                if not self._guard(key, fn):
+                    del calls[key]
+                    break
+        for _ in range(self.repeats):
+            for key, fn in list(calls.items()):
+                if not self._guard(key, lambda fn=fn, key=key: times.setdefault(key, []).append(
+                        call_ms(fn, self.device))):
+                    del calls[key]
+        for key, fn in calls.items():
+            def counted(fn=fn, key=key) -> None:
+                with count_launches() as launches:
+                    fn()
+                syncs = count_cuda_syncs(fn) if self.device.type == "cuda" else None
+                self.measured[key] = Measured(statistics.median(times[key]), launches.total,
+                                              dict((launches.triton + launches.torch_ops).most_common()),
+                                              syncs)
+            self._guard(key, counted)
+        return self.measured
 
-    def _measure(self, fn: Callable[[], object]) -> Measured:
-        ms = median_ms(fn, self.device, self.repeats, self.warmup)
-        with count_launches() as launches:
-            fn()
-        syncs = count_cuda_syncs(fn) if self.device.type == "cuda" else None
-        return Measured(ms, launches.total, dict((launches.triton + launches.torch_ops).most_common()), syncs)
+    def _guard(self, key: str, step: Callable[[], object]) -> bool:
+        """Run ``step``; on a RuntimeError keep its message as ``key``'s measurement and return False."""
+        try:
+            step()
+            return True
+        except RuntimeError as error:
+            first_line = (str(error).splitlines() or [""])[0]
+            self.measured[key] = Measured(error=f"{type(error).__name__}: {first_line}")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return False
 
 
-def family_rows(
+def register_family(
     workload: Workload, family: str, a: list[torch.Tensor], b: list[torch.Tensor], timings: Timings,
     backend: str | None,
-) -> list[Row]:
-    """Rows of one family: ours (with its speedups), the family's baselines, the read floor."""
+) -> None:
+    """Register the candidates of one family: ours, the family's baselines, the read floor of its bytes."""
+    timings.floor(workload.num_bytes * LISTS_READ.get(family, 1), workload.dtype)
+    timings.time(f"{OURS} {family}", functools.partial(ours(family, backend), a, b))
+    for name in FAMILIES[family]:
+        timings.time(name, functools.partial(BASELINES[name], a, b))
+
+
+def family_rows(workload: Workload, family: str, timings: Timings) -> list[Row]:
+    """Rows of one family, once measured: ours (with its speedups), the family's baselines, the read
+    floor."""
     num_bytes = workload.num_bytes * LISTS_READ.get(family, 1)
-    floor = timings.floor(num_bytes, workload.dtype)
+    floor = timings.measured[timings.floor(num_bytes, workload.dtype)]
 
     def row(candidate: str, measured: Measured) -> Row:
         ms = measured.ms
@@ -292,9 +323,8 @@ def family_rows(
                    launches=measured.launches, launch_ops=measured.launch_ops, host_syncs=measured.host_syncs,
                    error=measured.error)
 
-    our_row = row(OURS, timings.time(f"{OURS} {family}", functools.partial(ours(family, backend), a, b)))
-    baseline_rows = [row(name, timings.time(name, functools.partial(BASELINES[name], a, b)))
-                     for name in FAMILIES[family]]
+    our_row = row(OURS, timings.measured[f"{OURS} {family}"])
+    baseline_rows = [row(name, timings.measured[name]) for name in FAMILIES[family]]
     for baseline in baseline_rows:
         our_row.baseline_ms[baseline.candidate] = baseline.ms
         if baseline.ms is not None and our_row.ms is not None:
@@ -313,7 +343,10 @@ def bench_workload(
     a = workload.tensors(device, seed=0)
     b = workload.tensors(device, seed=1) if set(LISTS_READ) & set(families) else []
     timings = Timings(device, repeats, warmup)
-    return [row for family in families for row in family_rows(workload, family, a, b, timings, backend)]
+    for family in families:
+        register_family(workload, family, a, b, timings, backend)
+    timings.measure()
+    return [row for family in families for row in family_rows(workload, family, timings)]
 
 
 def optim_rows(workload: Workload, device: torch.device, repeats: int, warmup: int) -> list[Row]:
