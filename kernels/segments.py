@@ -31,6 +31,8 @@ class SegmentTable:
     chunks: [C, 2] (tensor index, first padded index of the chunk).
     chunk_offsets: [T + 1]; tensor t owns chunks chunk_offsets[t] : chunk_offsets[t + 1].
     aligned: every other list's heads equal the first list's, so its full blocks are 16-byte aligned too.
+    host: on CUDA, the pinned host buffer the table was copied from, kept as long as the table: a table built
+        while a CUDA graph is captured is copied again by every replay, from this buffer.
     """
 
     tensors: torch.Tensor
@@ -39,6 +41,7 @@ class SegmentTable:
     num_tensors: int
     num_chunks: int
     aligned: bool
+    host: torch.Tensor | None = None
 
 
 def segment_table(
@@ -89,9 +92,10 @@ def _cached_table(
     chunk_index = np.arange(num_chunks, dtype=np.int64) - chunk_offsets[chunk_tensor]
     chunks = np.stack([chunk_tensor, chunk_index * chunk_size], axis=1)
 
-    packed = torch.from_numpy(np.concatenate([tensors.ravel(), chunks.ravel(), chunk_offsets]))
+    packed = host = torch.from_numpy(np.concatenate([tensors.ravel(), chunks.ravel(), chunk_offsets]))
     if device.type == "cuda":  # pinned + non_blocking: the copy does not sync the host with the device
-        packed = packed.pin_memory().to(device, non_blocking=True)
+        host = host.pin_memory()
+        packed = host.to(device, non_blocking=True)
     tensor_end = tensors.size
     chunk_end = tensor_end + num_chunks * 2
     return SegmentTable(
@@ -101,4 +105,5 @@ def _cached_table(
         num_tensors=num_tensors,
         num_chunks=num_chunks,
         aligned=aligned,
+        host=host if device.type == "cuda" else None,
     )

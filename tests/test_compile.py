@@ -288,3 +288,18 @@ def test_inductor_keeps_the_ops_and_gives_the_eager_results(backend):
     assert_same(compiled, f(model, init))
     code = "\n".join(codes)
     assert "fastgradstats.raw_stats" in code and "fastgradstats.pair_rows" in code
+
+
+@pytest.mark.skipif(not dispatch.triton_available(), reason="needs triton (interpreted on the CPU)")
+def test_compiled_triton_calls_reuse_the_cached_segment_table():
+    """The op runs on real tensors: the first call builds the table of their addresses, later calls (and
+    CUDA-graph replays, whose addresses are fixed) reuse it."""
+    from fastgradstats.kernels.segments import _cached_table
+
+    tensors = [t for t in layers() if t.is_contiguous()]
+    f = torch.compile(lambda ts: fgs.tensor_stats(ts, backend="triton", hist="log2").total.l2, fullgraph=True,
+                      backend="aot_eager")
+    first = f(tensors)
+    misses = _cached_table.cache_info().misses
+    assert torch.equal(f(tensors), first)
+    assert _cached_table.cache_info().misses == misses

@@ -314,3 +314,111 @@ def test_every_public_call_runs_under_sync_debug_error():
         except RuntimeError as error:
             failed[name] = str(error).splitlines()[0]
     assert not failed, failed
+
+
+# --- inside torch.compile and CUDA graphs (issue 14) --------------------------------------------------------
+
+
+def assert_same_outputs(got, want, rtol=1e-5):
+    got, want = torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and g.device == w.device
+        if w.dtype.is_floating_point:
+            torch.testing.assert_close(g, w, rtol=rtol, atol=1e-30, equal_nan=True)
+        else:
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_opcheck_on_cuda(backend):
+    layers = [t for t in make_layers(torch.float32) if t.isfinite().all()]
+    others = [t + 1 for t in layers]
+    op = torch.ops.fastgradstats
+    torch.library.opcheck(op.raw_stats.default, (layers, backend, "log2", 64, -48, 15, None, None))
+    torch.library.opcheck(op.raw_stats.default, (layers, backend, "linear", 16, -48, 15, None, None))
+    torch.library.opcheck(op.pair_rows.default, (layers, others, None, backend))
+
+
+def test_every_public_call_compiles_on_cuda_without_graph_break():
+    torch._dynamo.reset()
+    model, other = grad_model(), grad_model()
+    layers = [t for t in make_layers(torch.float32) if is_dense(t)]
+
+    def f(model, other, layers):
+        stats = fgs.tensor_stats(layers, hist="log2")
+        grads, params = fgs.grad_stats(model, hist="linear", bins=16), fgs.param_stats(model)
+        pairs = fgs.pair_stats(model, other)
+        return (stats.l2, stats.total.l2, stats.hist, grads.hist, grads.total.hist, params.std, pairs.cos,
+                pairs.total.dist, fgs.cosine_similarity(layers, layers))
+
+    explanation = torch._dynamo.explain(f)(model, other, layers)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    torch._dynamo.reset()
+    assert_same_outputs(torch.compile(f, fullgraph=True)(model, other, layers), f(model, other, layers))
+
+
+def clip_train_step(model, x, y):
+    """forward, backward into the existing .grad tensors (fixed addresses), clip with statistics, SGD."""
+    params = list(model.parameters())
+
+    def step():
+        for p in params:
+            p.grad.zero_()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        norm, stats = fgs.clip_grad_norm_(params, 0.05, return_stats=True)
+        with torch.no_grad():
+            torch._foreach_add_(params, [p.grad for p in params], alpha=-0.1)
+        return loss.detach(), norm, stats.l2, stats.total.linf
+
+    return step
+
+
+def test_cuda_graph_replays_a_clip_step_with_statistics():
+    """torch.cuda.graph captures the whole step (Triton kernels, segment table cached by the warm-up) and
+    its replays match eager steps; capturing builds no new segment table."""
+    from fastgradstats.kernels.segments import _cached_table
+
+    eager_model, graph_model = grad_model(), grad_model()
+    x, y = torch.randn(32, 48, device=DEVICE), torch.randn(32, 10, device=DEVICE)
+    eager_step, graph_step = clip_train_step(eager_model, x, y), clip_train_step(graph_model, x, y)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            graph_step(), eager_step()
+    torch.cuda.current_stream().wait_stream(side)
+    misses = _cached_table.cache_info().misses
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = graph_step()
+    assert _cached_table.cache_info().misses == misses
+    for _ in range(3):
+        graph.replay()
+        assert_same_outputs(captured, eager_step())
+    for got, want in zip(graph_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_reduce_overhead_compile_of_a_clip_step_matches_eager():
+    """torch.compile(mode="reduce-overhead") (CUDA graph trees) of clip + statistics + update, the gradients
+    marked static (their addresses are fixed, as the segment table wants)."""
+    torch._dynamo.reset()
+    eager_model, compiled_model = grad_model(), grad_model()
+    for p in compiled_model.parameters():
+        torch._dynamo.mark_static_address(p.grad)
+
+    def clip(model):
+        params = list(model.parameters())
+        norm, stats = fgs.clip_grad_norm_(params, 0.05, return_stats=True)
+        grads = fgs.grad_stats(model, hist="log2")
+        with torch.no_grad():
+            torch._foreach_add_(params, [p.grad for p in params], alpha=-0.1)
+        return norm, stats.l2, grads.hist, grads.total.l2
+
+    compiled = torch.compile(clip, fullgraph=True, mode="reduce-overhead")
+    for _ in range(4):
+        assert_same_outputs([t.clone() for t in compiled(compiled_model)], clip(eager_model))
+    for got, want in zip(compiled_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
