@@ -303,3 +303,25 @@ def test_compiled_triton_calls_reuse_the_cached_segment_table():
     misses = _cached_table.cache_info().misses
     assert torch.equal(f(tensors), first)
     assert _cached_table.cache_info().misses == misses
+
+
+def test_a_compiled_function_may_return_the_results():
+    """Results made inside the compiled region come out as TensorStats/PairStats, read on the host after."""
+    def f(a, b):
+        return fgs.tensor_stats(a, hist="log2"), fgs.pair_stats(a, b)
+
+    a, b = layers(0, nan=False), layers(1, nan=False)
+    stats, pairs = torch.compile(f, fullgraph=True, backend="aot_eager")(a, b)
+    eager_stats, eager_pairs = f(a, b)
+    assert isinstance(stats, fgs.TensorStats) and isinstance(pairs, fgs.PairStats)
+    assert stats.to_dict()["layers"]["1"]["numel"] == 33
+    assert_same(tensor_fields(stats) + pair_fields(pairs),
+                tensor_fields(eager_stats) + pair_fields(eager_pairs))
+
+
+def test_split_compiles_without_graph_break():
+    def f(tensors):
+        stats = fgs.tensor_stats(tensors, names=["w", "v"], split={"w": 3})
+        return stats.l2, stats.group("w").l2, stats.group("w").std
+
+    assert_compiles(f, [torch.randn(6, 5), torch.randn(7)])
