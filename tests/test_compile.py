@@ -325,3 +325,14 @@ def test_split_compiles_without_graph_break():
         return stats.l2, stats.group("w").l2, stats.group("w").std
 
     assert_compiles(f, [torch.randn(6, 5), torch.randn(7)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_new_shapes_recompile_with_dynamic_sizes_and_stay_correct(backend):
+    """The fake implementations depend on the number of tensors and bins only, so the dynamic-shape
+    recompile that new sizes trigger traces them too."""
+    f = torch.compile(lambda ts: tensor_fields(fgs.tensor_stats(ts, hist="log2", backend=backend)),
+                      fullgraph=True, backend="aot_eager")
+    for sizes in ((5, 7), (9, 4), (13, 2)):
+        tensors = [torch.randn(*sizes), torch.randn(sizes[0] * 3)]
+        assert_same(f(tensors), tensor_fields(fgs.tensor_stats(tensors, hist="log2", backend=backend)))
