@@ -38,7 +38,7 @@ import fastgradstats as fgs
 from fastgradstats.dispatch import resolve_backend
 
 from ..launches import count_launches
-from . import optim_memory
+from . import compiled, optim_memory
 from .workloads import DEFAULT_WORKLOADS, GRADIENT_SCALE, WORKLOADS, Workload
 
 DEFAULT_RESULTS = Path("benchmarks/results/results.jsonl")
@@ -129,8 +129,10 @@ FAMILIES: dict[str, tuple[str, ...]] = {  # family -> its baselines
     "trajectory": ("flatten-gram",),
     "per-expert": ("slice-loop", "foreach-slices"),
     optim_memory.OPTIM_FAMILY: optim_memory.CANDIDATES[1:],  # time and extra peak memory: see optim_memory
+    compiled.COMPILED_FAMILY: tuple(compiled.CANDIDATES)[1:],  # a compiled train step: see compiled
 }
-OPT_IN_FAMILIES = (optim_memory.OPTIM_FAMILY,)  # run only when asked for (a subprocess per candidate)
+OPT_IN_FAMILIES = (optim_memory.OPTIM_FAMILY,  # run only when asked for (a subprocess per candidate)
+                   compiled.COMPILED_FAMILY)  # (compiling takes tens of seconds)
 DEFAULT_FAMILIES = tuple(family for family in FAMILIES if family not in OPT_IN_FAMILIES)
 STACKED_FAMILIES = ("per-expert",)  # run only on workloads that have stacked (3-D) tensors
 LISTS_READ = {"pair": 2, "trajectory": TRAJECTORY_CHECKPOINTS}  # lists of the workload read per call
@@ -370,6 +372,22 @@ def optim_rows(workload: Workload, device: torch.device, repeats: int, warmup: i
     return rows
 
 
+def compiled_rows(workload: Workload, device: torch.device, repeats: int, warmup: int) -> list[Row]:
+    """Rows of the compiled family (:mod:`fastgradstats.bench.compiled`), in the workload's dtype: ours (a
+    compiled train step with statistics, with its speedups: below 1, by the statistics' overhead), the
+    same compiled step without statistics, and both steps eager. ``bytes``: the gradients the statistics
+    read, twice (clip_grad_norm_ and grad_stats)."""
+    times = compiled.measure(device, workload.dtype, repeats, warmup)
+    width, depth = compiled.WIDTH, compiled.DEPTH
+    num_bytes = 2 * depth * (width * width + width) * workload.dtype.itemsize
+    rows = [Row(compiled.model_name(), compiled.COMPILED_FAMILY, OURS if name == "ours" else name, ms,
+                num_bytes, gb_per_s=num_bytes / ms / 1e6, floor_fraction=None) for name, ms in times.items()]
+    for baseline in rows[1:]:
+        rows[0].baseline_ms[baseline.candidate] = baseline.ms
+        rows[0].speedups[baseline.candidate] = baseline.ms / rows[0].ms
+    return rows
+
+
 def environment(device: torch.device, backend: str | None) -> dict[str, str]:
     """What a result depends on besides the workload: date, commit, device, versions and the backend used."""
     try:
@@ -508,6 +526,8 @@ def run(
                          if tensor_families else [])
         if optim_memory.OPTIM_FAMILY in families:
             workload_rows += optim_rows(workload, device, repeats, warmup)
+        if compiled.COMPILED_FAMILY in families:
+            workload_rows += compiled_rows(workload, device, repeats, warmup)
         print(format_table(workload, workload_rows, env, repeats), end="\n\n", flush=True)
         if results is not None:
             save_rows(workload_rows, env, results, dtype=_dtype_name(workload.dtype),
