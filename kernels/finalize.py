@@ -67,7 +67,10 @@ def _hist_sums(n, total, m2, abs_sum, nonfinite, finite_max, finite_neg_min, his
     known = nonfinite == 0
     if RANGED:
         known = known & (-finite_neg_min >= lo) & (finite_max <= hi)
-    value_sum = abs_sum if ABS else total
+    if ABS:
+        value_sum = abs_sum
+    else:
+        value_sum = total
     tl.store(hist_sums + column, tl.where(known, value_sum, float("nan")), mask=mask)
     tl.store(hist_sums + stride + column, tl.where(known, square_sum, float("nan")), mask=mask)
 
