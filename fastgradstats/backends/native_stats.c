@@ -191,7 +191,8 @@ static void add_nonfinite(const double *x, int64_t n, double *row) {
 /* ------------------------------------------------------------------------------------ float32 moments */
 
 typedef struct {
-    float sum[FLANES], sumsq[FLANES], abssum[FLANES], zeros[FLANES], lo[FLANES], hi[FLANES];
+    float sum[FLANES], sumsq[FLANES], abssum[FLANES], lo[FLANES], hi[FLANES];
+    int32_t zeros[FLANES];
 } FloatMoments;
 
 /* Sums, minimum and maximum of FLANES lanes, folded in halves (loops the compiler vectorizes). */
@@ -226,7 +227,7 @@ static inline void add_float_moment(FloatMoments *m, int j, float v, float cente
     m->sum[j] += d;
     m->sumsq[j] += d * d;
     m->abssum[j] += fabsf(v);
-    m->zeros[j] += v == 0.0f;
+    m->zeros[j] -= -(int32_t)(v == 0.0f);
     m->lo[j] = v < m->lo[j] ? v : m->lo[j];
     m->hi[j] = v > m->hi[j] ? v : m->hi[j];
 }
@@ -236,10 +237,12 @@ static inline void add_float_moment(FloatMoments *m, int j, float v, float cente
    Σ|x|) and the largest deviation |x - center| zero or within [2^-40, 2^40], so that no square overflows
    and those that underflow weigh less than 2^-60 of Σ(x - center)². Returns 1 when it added them, 0 (row
    untouched) when the block must be summed on the float64 path. */
-INLINE int float_moments(const void *restrict x, int32_t kind, int64_t n, float center, double *restrict row) {
+INLINE int float_moments(const void *restrict x, int32_t kind, int64_t n, float center,
+                         double *restrict row) {
     FloatMoments m;
     for (int j = 0; j < FLANES; j++) {
-        m.sum[j] = m.sumsq[j] = m.abssum[j] = m.zeros[j] = 0.0f;
+        m.sum[j] = m.sumsq[j] = m.abssum[j] = 0.0f;
+        m.zeros[j] = 0;
         m.lo[j] = INFINITY, m.hi[j] = -INFINITY;
     }
     int64_t i = 0;
@@ -247,7 +250,8 @@ INLINE int float_moments(const void *restrict x, int32_t kind, int64_t n, float 
         for (int j = 0; j < FLANES; j++) add_float_moment(&m, j, load_float(x, i + j, kind), center);
     for (int j = 0; i < n; i++, j++) add_float_moment(&m, j, load_float(x, i, kind), center);
     double sum = lane_sum(m.sum), sumsq = lane_sum(m.sumsq), abssum = lane_sum(m.abssum);
-    double zeros = lane_sum(m.zeros);
+    int64_t zeros = 0;
+    for (int j = 0; j < FLANES; j++) zeros += m.zeros[j];
     float lo = lane_min(m.lo), hi = lane_max(m.hi);
     double deviation = max2((double)hi - center, (double)center - lo);
     if (!isfinite(abssum) || !(deviation == 0.0 || (deviation >= 0x1p-40 && deviation <= 0x1p40))) return 0;
@@ -260,9 +264,69 @@ INLINE int float_moments(const void *restrict x, int32_t kind, int64_t n, float 
     return 1;
 }
 
-/* float_moments of x of kind F32 or BF16, the compiler's copy for each. */
+/* bfloat16 lanes: the sums in float32 as in FloatMoments; the zero counts, minima and maxima on the 16-bit
+   values themselves, which halves the vector work: a bfloat16 h's key h ^ (h < 0 ? 0x7fff : 0), as a signed
+   16-bit integer, orders the non-NaN values as floats do (with -0 below +0) and is its own inverse. */
+typedef struct {
+    float sum[FLANES], sumsq[FLANES], abssum[FLANES];
+    int16_t zeros[FLANES], lo[FLANES], hi[FLANES];
+} Bf16Moments;
+
+static inline int16_t bf16_key(uint16_t h) { return (int16_t)(h ^ ((uint16_t)((int16_t)h >> 15) & 0x7fff)); }
+
+static inline float bf16_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+static inline void add_bf16_moment(Bf16Moments *m, int j, uint16_t h, float center) {
+    float v = bf16_float(h), d = v - center;
+    m->sum[j] += d;
+    m->sumsq[j] += d * d;
+    m->abssum[j] += bf16_float(h & 0x7fff);
+    m->zeros[j] += (h & 0x7fff) == 0;
+    int16_t key = bf16_key(h);
+    m->lo[j] = key < m->lo[j] ? key : m->lo[j];
+    m->hi[j] = key > m->hi[j] ? key : m->hi[j];
+}
+
+/* float_moments of a bfloat16 block (n <= FBLOCK: the 16-bit zero counts cannot wrap). */
+static int bf16_moments(const uint16_t *restrict x, int64_t n, float center, double *restrict row) {
+    Bf16Moments m;
+    for (int j = 0; j < FLANES; j++) {
+        m.sum[j] = m.sumsq[j] = m.abssum[j] = 0.0f;
+        m.zeros[j] = 0, m.lo[j] = INT16_MAX, m.hi[j] = INT16_MIN;
+    }
+    int64_t i = 0;
+    for (; i + FLANES <= n; i += FLANES)
+        for (int j = 0; j < FLANES; j++) add_bf16_moment(&m, j, x[i + j], center);
+    for (int j = 0; i < n; i++, j++) add_bf16_moment(&m, j, x[i], center);
+    double sum = lane_sum(m.sum), sumsq = lane_sum(m.sumsq), abssum = lane_sum(m.abssum);
+    int64_t zeros = 0;
+    int16_t lo_key = INT16_MAX, hi_key = INT16_MIN;
+    for (int j = 0; j < FLANES; j++) {
+        zeros += m.zeros[j];
+        lo_key = m.lo[j] < lo_key ? m.lo[j] : lo_key;
+        hi_key = m.hi[j] > hi_key ? m.hi[j] : hi_key;
+    }
+    float lo = bf16_float((uint16_t)bf16_key((uint16_t)lo_key));
+    float hi = bf16_float((uint16_t)bf16_key((uint16_t)hi_key));
+    double deviation = max2((double)hi - center, (double)center - lo);
+    if (!isfinite(abssum) || !(deviation == 0.0 || (deviation >= 0x1p-40 && deviation <= 0x1p40))) return 0;
+    row[SUM] += sum;
+    row[M2] += sumsq;
+    row[ABSSUM] += abssum;
+    row[ZEROS] += (double)zeros;
+    row[MAX] = max2(row[MAX], hi);
+    row[NEG_MIN] = max2(row[NEG_MIN], -lo);
+    return 1;
+}
+
+/* float_moments of x of kind F32 or BF16. */
 static int add_float_moments(const void *x, int32_t kind, int64_t n, float center, double *row) {
-    return kind == F32 ? float_moments(x, F32, n, center, row) : float_moments(x, BF16, n, center, row);
+    return kind == F32 ? float_moments(x, F32, n, center, row) : bf16_moments(x, n, center, row);
 }
 
 /* The float32 mean of x's first min(n, CENTER_SAMPLE) elements (n > 0), x of kind F32 or BF16, or 0 when it
@@ -660,8 +724,8 @@ static inline void add_float_pair(FloatPairSums *p, int j, float a, float b, flo
    origin). The sums are kept when each of Σ(a - o)², Σ(b - o)², Σ(a - b)² is finite and either 0 (every term
    below 2^-75) or at least 2^-100, so that the squares that underflow weigh less than 2^-40 of it. Returns 1
    when it added them, 0 (row untouched) when the block must be summed on the float64 path. */
-INLINE int float_pair_sums(const void *restrict a, const void *restrict b, const void *restrict o, int32_t kind,
-                           int64_t n, double *restrict row) {
+INLINE int float_pair_sums(const void *restrict a, const void *restrict b, const void *restrict o,
+                           int32_t kind, int64_t n, double *restrict row) {
     FloatPairSums p;
     for (int j = 0; j < FLANES; j++) p.dot[j] = p.aa[j] = p.bb[j] = p.dd[j] = 0.0f;
     int64_t i = 0;
@@ -717,15 +781,11 @@ int fgs_pair_stats(int64_t first, int64_t last, const int64_t *a_addr, const int
         int64_t block = wide ? BLOCK : FBLOCK;
         for (int64_t start = 0; start < numel[c]; start += block) {
             int64_t n = min64(numel[c] - start, block);
-            if (!wide && add_float_pair_sums(element(a_addr[c], start, dt[0]), element(b_addr[c], start, dt[1]),
-                                             o_addr[c] ? element(o_addr[c], start, dt[2]) : NULL, dt, n,
-                                             a_fbuf, b_fbuf, o_fbuf, row))
-                continue;
-            const double *a = as_double(element(a_addr[c], start, dt[0]), dt[0], n, a_buf);
-            const double *b = as_double(element(b_addr[c], start, dt[1]), dt[1], n, b_buf);
-            const double *o = o_addr[c] ? as_double(element(o_addr[c], start, dt[2]), dt[2], n, o_buf)
-                                        : no_origin;
-            add_pair_sums(a, b, o, n, row);
+            const char *a = element(a_addr[c], start, dt[0]), *b = element(b_addr[c], start, dt[1]);
+            const char *o = o_addr[c] ? element(o_addr[c], start, dt[2]) : NULL;
+            if (!wide && add_float_pair_sums(a, b, o, dt, n, a_fbuf, b_fbuf, o_fbuf, row)) continue;
+            add_pair_sums(as_double(a, dt[0], n, a_buf), as_double(b, dt[1], n, b_buf),
+                          o ? as_double(o, dt[2], n, o_buf) : no_origin, n, row);
         }
     }
     return 0;
