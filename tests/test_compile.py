@@ -195,7 +195,7 @@ def test_pair_stats_and_cosine_compile_without_graph_break(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("norm_type", [2.0, float("inf")])
+@pytest.mark.parametrize("norm_type", [2.0, float("inf"), 1.0])
 def test_clip_step_in_a_train_step_compiles_without_graph_break(backend, norm_type, env_backend):
     """forward, backward, clip with statistics, SGD update: one graph (backward traced by Dynamo)."""
     env_backend(backend)
