@@ -379,21 +379,50 @@ static void linear_bins(const double *x, int64_t n, const float *lo_hi_scale, in
     }
 }
 
-/* linear_bins of the float32 values of x, of kind F32 or BF16. An uncounted value's position may be NaN or
-   Inf: the clamps bound it before its conversion, and its bin is the spill bin anyway. */
+/* A linear range (lo, hi, scale) prepared for float32 binning. */
+typedef struct {
+    float lo, hi, scale, scaled_lo, width, bins, last;
+} Range;
+
+static Range prepared(const float *lo_hi_scale, int32_t bins) {
+    Range r = {lo_hi_scale[0], lo_hi_scale[1], lo_hi_scale[2], 0.0f, 0.0f, (float)bins, (float)(bins - 1)};
+    r.scaled_lo = r.lo * r.scale;
+    r.width = r.hi * r.scale - r.scaled_lo;
+    return r;
+}
+
+/* linear_bins' bin of a float32 value (spill: bins). An uncounted value's position may be NaN or Inf: the
+   clamps bound it before its conversion, and its bin is the spill bin anyway. */
+INLINE int32_t float_bin(float value, const Range *r, int32_t bins) {
+    int32_t counted = (value >= r->lo) & (value <= r->hi);  /* false for NaN */
+    float position = (value * r->scale - r->scaled_lo) * r->bins / r->width;
+    position = position > 0.0f ? position : 0.0f;  /* also maps NaN to 0 */
+    position = position < r->last ? position : r->last;
+    int32_t inside = (int32_t)position;  /* converted unconditionally: a loop without branches */
+    return counted ? inside : bins;
+}
+
+/* linear_bins of the float32 values of x, of kind F32 or BF16. */
 INLINE void float_linear_bins(const void *x, int32_t kind, int64_t n, const float *lo_hi_scale, int32_t bins,
                               int32_t *bin) {
-    float lo = lo_hi_scale[0], hi = lo_hi_scale[1], scale = lo_hi_scale[2];
-    float scaled_lo = lo * scale, width = hi * scale - scaled_lo, last = (float)(bins - 1);
+    Range r = prepared(lo_hi_scale, bins);
+    for (int64_t i = 0; i < n; i++) bin[i] = float_bin(load_float(x, i, kind), &r, bins);
+}
+
+/* The joint cells first_bin * (bins + 1) + second_bin of x's values over two ranges. */
+INLINE void float_joint_cells(const void *x, int32_t kind, int64_t n, const float *first, const float *second,
+                              int32_t bins, int32_t *cell) {
+    Range a = prepared(first, bins), b = prepared(second, bins);
     for (int64_t i = 0; i < n; i++) {
         float value = load_float(x, i, kind);
-        int32_t counted = (value >= lo) & (value <= hi);  /* false for NaN */
-        float position = (value * scale - scaled_lo) * (float)bins / width;
-        position = position > 0.0f ? position : 0.0f;  /* also maps NaN to 0 */
-        position = position < last ? position : last;
-        int32_t inside = (int32_t)position;  /* converted unconditionally: a loop without branches */
-        bin[i] = counted ? inside : bins;
+        cell[i] = float_bin(value, &a, bins) * (bins + 1) + float_bin(value, &b, bins);
     }
+}
+
+static void joint_cells_float(const void *x, int32_t kind, int64_t n, const float *first, const float *second,
+                              int32_t bins, int32_t *cell) {
+    if (kind == F32) float_joint_cells(x, F32, n, first, second, bins, cell);
+    else float_joint_cells(x, BF16, n, first, second, bins, cell);
 }
 
 static void linear_bins_float(const void *x, int32_t kind, int64_t n, const float *lo_hi_scale, int32_t bins,
@@ -416,15 +445,14 @@ static void flush_counts(uint32_t *counts, int32_t bins, int64_t *hist) {
     memset(counts, 0, sizeof *counts * COPIES * (bins + 1));
 }
 
-/* Joint counts of (first bin, second bin) pairs, cell first * (bins + 1) + second of COPIES interleaved
+/* Joint counts of (first bin, second bin) pairs, cell first * (bins + 1) + second, in COPIES interleaved
    (bins + 1)² tables: one increment per element for two histograms. */
-static void count_joint(const int32_t *first, int32_t *second, int64_t n, int32_t bins, uint32_t *tables) {
+static void count_joint(const int32_t *cell, int64_t n, int32_t bins, uint32_t *tables) {
     int64_t cells = (int64_t)(bins + 1) * (bins + 1);
-    for (int64_t i = 0; i < n; i++) second[i] += first[i] * (bins + 1);
     int64_t i = 0;
     for (; i + COPIES <= n; i += COPIES)
-        for (int c = 0; c < COPIES; c++) tables[c * cells + second[i + c]]++;
-    for (; i < n; i++) tables[second[i]]++;
+        for (int c = 0; c < COPIES; c++) tables[c * cells + cell[i + c]]++;
+    for (; i < n; i++) tables[cell[i]]++;
 }
 
 /* Adds the joint tables' margins into hist[0:bins] (first bins) and total[0:bins] (second bins), clears
@@ -645,18 +673,24 @@ int fgs_linear_hist(int64_t first, int64_t last, const int64_t *addr, const int6
         for (int64_t start = 0; start < numel[c]; start += BLOCK) {
             int64_t n = min64(numel[c] - start, BLOCK);
             const char *src = element(addr[c], start, dtype[c]);
-            if (dtype[c] == F64) {
-                const double *x = as_double(src, F64, n, buf);
-                linear_bins(x, n, range, bins, layer_bin);
-                linear_bins(x, n, total_range, bins, total_bin);
-            } else {
-                int32_t kind;
-                const void *x = readable(src, dtype[c], n, fbuf, &kind);
+            int32_t kind;
+            const void *x = dtype[c] == F64 ? NULL : readable(src, dtype[c], n, fbuf, &kind);
+            if (x && joint) {
+                joint_cells_float(x, kind, n, range, total_range, bins, layer_bin);
+                count_joint(layer_bin, n, bins, counts);
+                continue;
+            }
+            if (x) {
                 linear_bins_float(x, kind, n, range, bins, layer_bin);
                 linear_bins_float(x, kind, n, total_range, bins, total_bin);
+            } else {
+                const double *wide = as_double(src, F64, n, buf);
+                linear_bins(wide, n, range, bins, layer_bin);
+                linear_bins(wide, n, total_range, bins, total_bin);
             }
             if (joint) {
-                count_joint(layer_bin, total_bin, n, bins, counts);
+                for (int64_t i = 0; i < n; i++) layer_bin[i] = layer_bin[i] * (bins + 1) + total_bin[i];
+                count_joint(layer_bin, n, bins, counts);
             } else {
                 count_bins(layer_bin, n, bins, counts);
                 count_bins(total_bin, n, bins, total_counts);
