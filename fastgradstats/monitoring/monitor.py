@@ -29,6 +29,22 @@ Statistics stay on the device; alerts are device-side flags until read, so a ste
 when a sink writes it or the caller reads ``record.alerts``. ``record.to_dict()`` copies everything the record
 holds (every tracked kind, its histograms and the alerts) to the host in one device-to-host copy, once: the
 sinks of a record share that copy.
+
+Compiled training (``compiled=True``, "grad" and "param" only): the statistics are computed inside the
+user's compiled step by :meth:`Monitor.compute` (custom ops, no graph break with ``fullgraph=True``), and
+``monitor.step(stats=...)`` records them outside it: alerts, history and sinks, with one host copy::
+
+    monitor = fgs.Monitor(model, every=10, sinks=[fgs.sinks.JSONL("stats.jsonl")], compiled=True)
+
+    @torch.compile(fullgraph=True)   # with torch._dynamo.config.trace_autograd_ops = True
+    def forward_backward(x, y, with_stats: bool):
+        loss_fn(model(x), y).backward()
+        return monitor.compute() if with_stats else None   # one graph per value of with_stats
+
+    for x, y in loader:
+        monitor.step(stats=forward_backward(x, y, monitor.next_tracked))
+        optimizer.step()          # torch.optim breaks graphs on purpose: outside the compiled step
+        optimizer.zero_grad()
 """
 
 from __future__ import annotations
@@ -47,11 +63,12 @@ from ..dispatch import resolve_backend
 from ..hist import HistSpec
 from ..optim import OptimizerStats, optimizer_stats, rebuilds_update, update_pair_stats
 from ..pairs import pair_stats
-from ..results import LayerStats, PairStats, host_snapshot
+from ..results import LayerStats, PairStats, TensorStats, host_snapshot
 from ..split import Split, split_parts
 from .alerts import Alert, AlertConfig, AlertFlags, AlertTracker
 
 TRACK_CHOICES = ("grad", "param", "update", "grad_cos", "init", "optim")
+COMPILED_TRACK_CHOICES = ("grad", "param")  # what Monitor.compute() can take inside a compiled step
 
 
 @dataclass
@@ -145,6 +162,9 @@ class Monitor:
         backend: statistics backend, as in ``tensor_stats``.
         split: statistics per slice (MoE experts, heads) of every tracked kind, as in ``tensor_stats``:
             ``{regex: parts}`` or ``(name, tensor) -> parts | None``.
+        compiled: the statistics are computed by :meth:`compute` inside the user's compiled step and
+            handed to :meth:`step` (``stats=``); ``track`` may then hold "grad" and "param" only, and
+            ``attach`` is refused (the optimizer's hooks would run inside the compiled step).
 
     Raises TypeError or ValueError at construction for a bad argument: ``hist``, ``backend`` (checked
     against the device of the model's parameters), ``split`` (checked against the parameters' shapes) and
@@ -164,6 +184,7 @@ class Monitor:
         history: int = 1000,
         backend: str | None = None,
         split: Split | None = None,
+        compiled: bool = False,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Monitor: model must be an nn.Module, got {type(model).__name__}")
@@ -176,6 +197,10 @@ class Monitor:
         unknown = [kind for kind in track if kind not in TRACK_CHOICES]
         if unknown or not track:
             raise ValueError(f"Monitor: track must be a non-empty subset of {TRACK_CHOICES}, got {track!r}")
+        if compiled and any(kind not in COMPILED_TRACK_CHOICES for kind in track):
+            raise ValueError(f"Monitor: with compiled=True, track must be a subset of "
+                             f"{COMPILED_TRACK_CHOICES} (the others keep copies between steps, outside a "
+                             f"compiled step), got {track!r}")
         HistSpec.make(hist)
         resolve_backend(backend, first_parameter.device)
         named = list(model.named_parameters())
@@ -185,7 +210,7 @@ class Monitor:
             if not (callable(getattr(sink, "write", None)) and callable(getattr(sink, "close", None))):
                 raise TypeError(f"Monitor: a sink needs write(record) and close() methods, got {sink!r}")
         self.model, self.every, self.hist, self.track, self.backend = model, every, hist, track, backend
-        self.split = split
+        self.split, self.compiled = split, compiled
         watched = "grad" in track or "update" in track
         self.alert_tracker = AlertTracker(alert_config) if alerts and watched else None
         self.history: collections.deque[StepRecord] = collections.deque(maxlen=history)
@@ -199,13 +224,35 @@ class Monitor:
         self._copy_free_update = False  # set by attach() for optimizers whose update is rebuilt from state
         self._after_step: dict[str, object] = {}  # "update", "optim": taken right after the last step
 
-    def step(self, step: int | None = None) -> StepRecord | None:
+    @property
+    def next_tracked(self) -> bool:
+        """True when the next call of :meth:`step` is a tracked one (no sync: it counts calls)."""
+        return self.steps % self.every == 0
+
+    def compute(self) -> dict[str, TensorStats]:
+        """The statistics of the tracked kinds ("grad", "param") of the model now, by kind, for a later
+        ``step(stats=...)``. Changes nothing in the Monitor, makes no host sync and, inside
+        ``torch.compile(fullgraph=True)``, no graph break: call it in a compiled step (see the module
+        docstring) and return its result from there. Kinds without data (no gradients yet) are left out."""
+        kwargs = {"hist": self.hist, "backend": self.backend, "split": self.split}
+        named = list(self.model.named_parameters())
+        computed = {}
+        if "grad" in self.track and any(p.grad is not None for _, p in named):
+            computed["grad"] = grad_stats(named, **kwargs)
+        if "param" in self.track:
+            computed["param"] = param_stats(named, **kwargs)
+        return computed
+
+    def step(self, step: int | None = None, *,
+             stats: dict[str, TensorStats] | None = None) -> StepRecord | None:
         """Count a training step; on tracked steps compute, record, alert and write to the sinks.
 
         Call after ``backward()`` and before ``optimizer.step()`` (``attach`` does it for you). Returns the
         StepRecord of a tracked step, None otherwise.
 
         Args:
+            stats: on a tracked step, the statistics to record instead of computing them: what
+                :meth:`compute` returned (e.g. from inside a compiled step). Ignored on other steps.
             step: the step number to record a tracked step under (``record.step``, the sinks' step, the
                 alerts' step), e.g. a trainer's global step, which may start at 0. Which calls are tracked
                 does not depend on it: calls 1, 1 + every, ... of ``step()`` are, as without it. None: the
@@ -222,9 +269,9 @@ class Monitor:
             raise RuntimeError("Monitor.step() called after close()")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise TypeError(f"Monitor.step: step must be an int or None, got {type(step).__name__} {step!r}")
+        tracked = self.next_tracked
         self.steps += 1
-        tracked = (self.steps - 1) % self.every == 0
-        record = self._record(self.steps if step is None else step) if tracked else None
+        record = self._record(self.steps if step is None else step, stats) if tracked else None
         if "update" in self.track and self.steps % self.every == 0 and not self._copy_free_update:
             self._previous_params = self._copy_params()  # the next step is tracked
         if record is not None:
@@ -239,6 +286,10 @@ class Monitor:
         With "update" or "optim" tracked, a step post-hook also reads the optimizer's state right after each
         step that precedes a tracked step (the update of Adam, AdamW and SGD is then rebuilt, not copied).
         """
+        if self.compiled:
+            raise RuntimeError("Monitor.attach: a compiled Monitor records what compute() returns; call "
+                               "monitor.step(stats=...) after the compiled step instead")
+
         def before_optimizer_step(*_) -> None:
             self.step()
 
@@ -290,7 +341,12 @@ class Monitor:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _record(self, step: int) -> StepRecord:
+    def _record(self, step: int, computed: dict[str, TensorStats] | None = None) -> StepRecord:
+        if computed is not None:
+            extra = set(computed) - set(self.track)
+            if extra or not isinstance(computed, dict):
+                raise ValueError(f"Monitor.step: stats= must be what compute() returned (kinds from "
+                                 f"{self.track}), got {computed!r}")
         record = StepRecord(step)
         kwargs = {"hist": self.hist, "backend": self.backend, "split": self.split}
         named = list(self.model.named_parameters())
@@ -298,12 +354,13 @@ class Monitor:
             self._initial_params = self._copy_params()
         if "grad" in self.track or "grad_cos" in self.track:
             grads = [(name, p.grad) for name, p in named if p.grad is not None]
-            if not grads and not self._warned_no_grads:
+            given = None if computed is None else computed.get("grad")  # .grad may be zeroed since then
+            if not grads and given is None and not self._warned_no_grads:
                 warnings.warn("Monitor.step(): no parameter has a gradient yet (call it after backward())",
                               stacklevel=3)
                 self._warned_no_grads = True
-            if grads and "grad" in self.track:
-                record.stats["grad"] = grad_stats(named, **kwargs)
+            if (grads or given is not None) and "grad" in self.track:
+                record.stats["grad"] = grad_stats(named, **kwargs) if given is None else given
                 if self.alert_tracker is not None:
                     record.alert_flags = self.alert_tracker.update(step, record.stats["grad"])
             if grads and "grad_cos" in self.track:
@@ -311,7 +368,8 @@ class Monitor:
                     record.stats["grad_cos"] = _pairs(grads, self._previous_grads, self.backend, self.split)
                 self._previous_grads = [(name, g.detach().clone()) for name, g in grads]
         if "param" in self.track:
-            record.stats["param"] = param_stats(named, **kwargs)
+            given = None if computed is None else computed.get("param")
+            record.stats["param"] = param_stats(named, **kwargs) if given is None else given
         params = [(name, p.detach()) for name, p in named]
         after_step, self._after_step = self._after_step, {}
         if "update" in self.track and "update" in after_step:
