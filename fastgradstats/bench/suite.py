@@ -531,7 +531,7 @@ def run(
         print(format_table(workload, workload_rows, env, repeats), end="\n\n", flush=True)
         if results is not None:
             save_rows(workload_rows, env, results, dtype=_dtype_name(workload.dtype),
-                      tensors=len(workload.shapes), repeats=repeats)
+                      tensors=len(workload.shapes), repeats=repeats, timing="median of interleaved rounds")
         rows += workload_rows
         if on_cuda:
             torch.cuda.empty_cache()
@@ -581,6 +581,30 @@ def roofline_table(records: Sequence[dict], models: Sequence[dict], gpu: str = "
         line = f"{r['workload']:<11} {r['dtype']:<9} {r['family']:<12} " + " ".join(
             f"{cell:>{width}}" for cell, width in zip(cells, (9, 8, 9, 7, 9, 9)))
         lines.append(line + (f"  {r['error']}" if r.get("error") else ""))
+    return "\n".join(lines)
+
+
+FAMILY_TITLES = {
+    "stats+log2": "every statistic + log2 histogram",
+    "stats": "every statistic",
+    "linear-hist": "linear histogram (64 bins, per-layer ranges, plus the global one)",
+    "pair": "pair: dot, norms, cosine, distance (two lists)",
+    "trajectory": "trajectory map of 4 checkpoints",
+    "per-expert": "every statistic per expert",
+}
+
+
+def floor_table(records: Sequence[dict]) -> str:
+    """A Markdown table of our rows (JSON records of a results file) as multiples of the read floor measured
+    beside them: backend, dtype, family, our median ms, the floor's, and their ratio."""
+    lines = ["| backend | dtype | family | ours | read floor | × read floor |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in records:
+        if r["candidate"] != OURS or r.get("floor_fraction") is None:
+            continue
+        floor_ms = r["ms"] * r["floor_fraction"]
+        lines.append(f"| {r['backend']} | {r['dtype']} | {FAMILY_TITLES.get(r['family'], r['family'])} | "
+                     f"{r['ms']:,.1f} ms | {floor_ms:,.1f} ms | {1 / r['floor_fraction']:.2f}× |")
     return "\n".join(lines)
 
 
