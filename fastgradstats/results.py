@@ -480,9 +480,10 @@ class PairStats(LayerStats):
 
     Fields, tensors of shape [L] on the input device (0-d for ``total``): numel (int64), dot (Σa'b'), a_l2,
     b_l2 (norms of a', b'), cos (dot / (max(a_l2, 1e-8) · max(b_l2, 1e-8)), as F.cosine_similarity: 0 when
-    a' or b' is a zero vector), dist (‖a - b‖, from the differences themselves), ratio (dist / a_l2 =
-    ‖a - b‖ / ‖a'‖, the update-to-weight ratio ‖Δθ‖ / ‖θ‖ of Monitor's "update"; +inf when a' = 0 ≠ a - b,
-    NaN when both are 0), all float32. ``total`` treats all layers as one flat vector.
+    a' or b' is a zero vector), dist (‖a - b‖, from the differences themselves), ratio (dist / b_l2 =
+    ‖a - b‖ / ‖b'‖, relative to the reference b: the update-to-weight ratio ‖Δθ‖ / ‖θ_before‖ of Monitor's
+    "update"; +inf when b' = 0 ≠ a - b, NaN when both are 0), all float32. ``total`` treats all layers as
+    one flat vector.
     """
 
     numel = _Derived()

@@ -176,9 +176,10 @@ def derive_pair(rows: torch.Tensor) -> dict[str, torch.Tensor]:
 
     cos = dot / (max(|a'|, eps) · max(|b'|, eps)) with eps = :data:`COSINE_EPS` (1e-8), which is
     ``torch.nn.functional.cosine_similarity`` of the flattened a', b': 0 when either is a zero vector (or
-    the layer is empty). ratio = ‖a - b‖ / ‖a'‖ (dist / a_l2, divided in float64): the update-to-weight
-    ratio ‖Δθ‖ / ‖θ‖ when a is θ now and b θ before; +inf when a' = 0 but a ≠ b, NaN when a' = 0 and a = b
-    (0 / 0, an empty layer included), NaN or inf as the norms are with NaN or Inf values.
+    the layer is empty). ratio = ‖a - b‖ / ‖b'‖ (dist / b_l2, divided in float64): a's distance relative
+    to the reference b, so the update-to-weight ratio ‖Δθ‖ / ‖θ_before‖ when a is θ now and b θ before (as
+    ``OptimizerStats.update_ratio``); +inf when b' = 0 but a ≠ b, NaN when b' = 0 and a = b (0 / 0, an empty
+    layer included), NaN or inf as the norms are with NaN or Inf values.
     """
     a_l2, b_l2, dist = rows[..., AA].sqrt(), rows[..., BB].sqrt(), rows[..., DD].sqrt()
     f32 = torch.float32
@@ -189,7 +190,7 @@ def derive_pair(rows: torch.Tensor) -> dict[str, torch.Tensor]:
         "b_l2": b_l2.to(f32),
         "cos": cosine(rows[..., DOT], a_l2, b_l2).to(f32),
         "dist": dist.to(f32),
-        "ratio": (dist / a_l2).to(f32),
+        "ratio": (dist / b_l2).to(f32),
     }
 
 

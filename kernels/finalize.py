@@ -212,7 +212,7 @@ def _pair_fields(n, dot, aa, bb, dd, floats, counts, column, stride, mask, EPS: 
     b_l2 = tl.sqrt(bb)
     cos = dot / (tl.where(a_l2 > EPS, a_l2, EPS) * tl.where(b_l2 > EPS, b_l2, EPS))
     dist = tl.sqrt(dd)
-    values = (dot, a_l2, b_l2, cos, dist, dist / a_l2)
+    values = (dot, a_l2, b_l2, cos, dist, dist / b_l2)
     for i in tl.static_range(6):
         tl.store(floats + i * stride + column, values[i].to(tl.float32), mask=mask)
     tl.store(counts + column, n.to(tl.int64), mask=mask)

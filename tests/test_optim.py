@@ -244,7 +244,7 @@ def test_monitor_update_is_rebuilt_without_a_copy_for_adamw():
     before, after = befores[1], befores[2]
     want = torch.stack([(after[n] - before[n]).norm() for n in record.stats["update"].names])
     torch.testing.assert_close(record.stats["update"].dist, want, rtol=1e-4, atol=0)
-    torch.testing.assert_close(record.update_ratio, want / torch.stack([after[n].norm() for n in after]),
+    torch.testing.assert_close(record.update_ratio, want / torch.stack([before[n].norm() for n in before]),
                                rtol=1e-4, atol=0)
 
 

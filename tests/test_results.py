@@ -81,22 +81,22 @@ def test_to_dict_carries_mean_abs_and_the_histograms_sums_and_kind():
         assert values["hist"] == source.hist[index].tolist()
 
 
-def test_pair_ratio_is_the_distance_over_the_norm_of_a_per_layer_and_in_total():
-    a = [torch.tensor([3.0, 4.0], device=DEVICE), torch.tensor([1.0, 0.0, 0.0], device=DEVICE)]
-    b = [torch.tensor([3.0, 3.0], device=DEVICE), torch.tensor([0.0, 0.0, 0.0], device=DEVICE)]
+def test_pair_ratio_is_the_distance_over_the_norm_of_the_reference_b_per_layer_and_in_total():
+    a = [torch.tensor([3.0, 4.0], device=DEVICE), torch.tensor([0.0, 0.0, 0.0], device=DEVICE)]
+    b = [torch.tensor([3.0, 3.0], device=DEVICE), torch.tensor([1.0, 0.0, 0.0], device=DEVICE)]
     stats = fgs.pair_stats(a, b)
     assert stats.ratio.dtype == torch.float32
-    assert stats.ratio.tolist() == pytest.approx([1.0 / 5.0, 1.0])
-    assert stats.total.ratio.item() == pytest.approx(math.sqrt(2.0) / math.sqrt(26.0))
+    assert stats.ratio.tolist() == pytest.approx([1.0 / math.sqrt(18.0), 1.0])
+    assert stats.total.ratio.item() == pytest.approx(math.sqrt(2.0) / math.sqrt(19.0))
     data = stats.to_dict()
     assert data["layers"]["0"]["ratio"] == stats.ratio[0].item()
     assert data["total"]["ratio"] == stats.total.ratio.item()
 
 
-def test_pair_ratio_is_inf_when_only_a_is_zero_and_nan_when_both_vanish():
+def test_pair_ratio_is_inf_when_only_b_is_zero_and_nan_when_both_vanish():
     zero = torch.zeros(3, device=DEVICE)
-    stats = fgs.pair_stats([zero, zero, torch.empty(0, device=DEVICE)],
-                           [torch.ones(3, device=DEVICE), zero, torch.empty(0, device=DEVICE)])
+    stats = fgs.pair_stats([torch.ones(3, device=DEVICE), zero, torch.empty(0, device=DEVICE)],
+                           [zero, zero, torch.empty(0, device=DEVICE)])
     ratio = stats.ratio.tolist()
     assert ratio[0] == math.inf and math.isnan(ratio[1]) and math.isnan(ratio[2])
 

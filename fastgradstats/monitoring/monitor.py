@@ -76,7 +76,7 @@ class StepRecord:
     """What one tracked step produced: ``stats[kind]`` for each tracked kind that had data, and the alerts.
 
     stats["grad"], stats["param"]: TensorStats; stats["update"], stats["grad_cos"], stats["init"]: PairStats
-    (a = now, b = the earlier tensors; ``ratio`` = ‖a - b‖ / ‖a‖); stats["optim"]: OptimizerStats. All
+    (a = now, b = the earlier tensors; ``ratio`` = ‖a - b‖ / ‖b‖); stats["optim"]: OptimizerStats. All
     tensors are on the model's device.
     """
 
@@ -97,8 +97,8 @@ class StepRecord:
 
     @property
     def update_ratio(self) -> torch.Tensor | None:
-        """float32 [L] ‖Δθ‖ / ‖θ‖ per layer (the update-to-weight ratio, ``stats["update"].ratio``), when
-        "update" was recorded."""
+        """float32 [L] ‖Δθ‖ / ‖θ_before‖ per layer (the update-to-weight ratio, ``stats["update"].ratio``),
+        when "update" was recorded."""
         update = self.stats.get("update")
         return None if update is None else update.ratio
 

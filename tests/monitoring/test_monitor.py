@@ -89,7 +89,8 @@ def test_update_is_the_last_optimizer_step():
     for i, name in enumerate(update.names):
         step_norm = 0.1 * grads_before_step_2[name].norm().item()
         assert update.dist[i].item() == pytest.approx(step_norm, rel=1e-5)
-        assert ratio[i].item() == pytest.approx(step_norm / params_at_step_3[name].norm().item(), rel=1e-5)
+        before = params_at_step_3[name] + 0.1 * grads_before_step_2[name]  # SGD: θ_after = θ_before - lr·g
+        assert ratio[i].item() == pytest.approx(step_norm / before.norm().item(), rel=1e-5)
 
 
 def test_grad_cos_compares_with_the_last_tracked_gradient():
