@@ -285,7 +285,7 @@ static inline void add_bf16_moment(Bf16Moments *m, int j, uint16_t h, float cent
     float v = bf16_float(h), d = v - center;
     m->sum[j] += d;
     m->sumsq[j] += d * d;
-    m->abssum[j] += bf16_float(h & 0x7fff);
+    m->abssum[j] += fabsf(v);
     m->zeros[j] += (h & 0x7fff) == 0;
     int16_t key = bf16_key(h);
     m->lo[j] = key < m->lo[j] ? key : m->lo[j];
