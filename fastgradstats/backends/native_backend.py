@@ -53,6 +53,9 @@ HIST_KINDS = {None: 0, "log2": 1, "linear": 2}
 NAME = "native"
 DEFAULT_CHUNK_SIZE = 1 << 16
 MIN_ELEMENTS_PER_THREAD = 1 << 18  # below this, handing work to another thread costs more than it saves
+# Chunk ranges per thread, taken in turn by whichever thread is free: a thread that another process delays
+# leaves its later ranges to the others (on a busy 2-core machine, a fixed half each waits for the slower).
+RANGES_PER_THREAD = 4
 COMPILE_TIMEOUT_S = 120  # a compiler that hangs (a stuck wrapper, a dead network disk) is given up on
 
 _ADDRESS, _INT32, _INT64 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64
@@ -263,11 +266,13 @@ def _checked(tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
 
 
 def _ranges_by_thread(numel: np.ndarray) -> list[tuple[int, int]]:
-    """Contiguous chunk ranges [first, last) with about equal element counts, one per thread to use."""
+    """Contiguous chunk ranges [first, last) with about equal element counts: one when a single thread is to
+    be used, else RANGES_PER_THREAD per thread to use (some may be empty)."""
     total = int(numel.sum())
     threads = max(1, min(torch.get_num_threads(), total // MIN_ELEMENTS_PER_THREAD))
-    ends = np.searchsorted(np.cumsum(numel), total * np.arange(1, threads) / threads) + 1
-    bounds = [0, *ends.tolist(), len(numel)]
+    count = 1 if threads == 1 else threads * RANGES_PER_THREAD
+    ends = np.searchsorted(np.cumsum(numel), total * np.arange(1, count) / count) + 1
+    bounds = [0, *np.minimum(ends, len(numel)).tolist(), len(numel)]
     return list(itertools.pairwise(bounds))
 
 
@@ -278,11 +283,12 @@ def _pool(threads: int, pid: int) -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _run(call: Callable[[int, int, int], int], ranges: list[tuple[int, int]]) -> None:
-    """call(thread, first, last) for each chunk range, in parallel threads; raises if a call failed."""
+    """call(index, first, last) for each chunk range, on parallel threads that take the ranges in turn;
+    raises if a call failed."""
     if len(ranges) == 1:
         results = [call(0, *ranges[0])]
     else:
-        pool = _pool(len(ranges), os.getpid())
+        pool = _pool(max(1, min(torch.get_num_threads(), len(ranges))), os.getpid())
         results = list(pool.map(lambda item: call(item[0], *item[1]), enumerate(ranges)))
     if any(result != 0 for result in results):
         raise MemoryError("fastgradstats native backend: out of memory for its scratch buffers")
