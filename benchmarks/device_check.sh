@@ -10,15 +10,19 @@
 #             if it fails, a folder of links stands in for the installed package)
 #   roofline  python -m fastgradstats.kernels.roofline --arch 90 --json  (CPU only: runs in the background)
 #   gpu-tests pytest -q tests/test_gpu.py  (Triton vs torch on CUDA, cuda:1 while cuda:0 is current, every
-#             public call under torch.cuda.set_sync_debug_mode("error"))
+#             public call under torch.cuda.set_sync_debug_mode("error"), the custom ops' opcheck, every
+#             public call compiled, a clip step in torch.cuda.graph and under mode="reduce-overhead")
 #   launches  python -m fastgradstats.launches: launches of one tensor_stats (log2, two dtype groups, every
 #             field read), pair_stats and clip_grad_norm_ call, counted and as torch.profiler's CUDA kernels
+#   bench-compiled  python -m fastgradstats.bench.compiled: a compiled train step with and without
+#             statistics, and both eager (compiled.jsonl; skipped in a dry run)
 #   bench-*   fastgradstats.bench.suite on gpt2-small, 1b, 7b and many-small in bfloat16 and float32 (CUDA events)
 #   compare   our measured fraction of the read floor beside the roofline's prediction
 #
-# Five files go under $OUT (a temporary folder when unset): steps.tsv (step, status, seconds), device_check.log
-# (every step's output), launches.json, roofline.json and results.jsonl (bench rows: append them to
-# benchmarks/results/results.jsonl of the repository; a run with OUT unset appends them itself).
+# Six files go under $OUT (a temporary folder when unset): steps.tsv (step, status, seconds), device_check.log
+# (every step's output), launches.json, compiled.jsonl (not in a dry run), roofline.json and results.jsonl
+# (bench rows: append them to benchmarks/results/results.jsonl of the repository; a run with OUT unset appends
+# them itself).
 #
 # Environment: DEVICE_CHECK_BUDGET_S (default 420), PYTHON (default python3), ROOFLINE_GPU (default H200),
 # ROOFLINE_ARCH (default 90), ROOFLINE_JSON (an earlier roofline.json to use instead of compiling),
@@ -177,12 +181,16 @@ else
     roofline_job=$!
 fi
 
-step gpu-tests 150 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider tests/test_gpu.py
+step gpu-tests 240 "$PYTHON" -m pytest -q -rfEs -p no:cacheprovider tests/test_gpu.py
 launch_options=(--device "$DEVICE" --json "$OUT/launches.json")
 if [[ "$BACKEND" != auto ]]; then
     launch_options+=(--backend "$BACKEND")
 fi
 step launches 60 "$PYTHON" -m fastgradstats.launches "${launch_options[@]}"
+if [[ "$DRY_RUN" != 1 ]]; then  # a compiled train step with and without statistics (compiling: tens of s)
+    step bench-compiled 120 "$PYTHON" -m fastgradstats.bench.compiled --device "$DEVICE" --repeats 50 \
+        --json "$OUT/compiled.jsonl"
+fi
 if [[ -n "${DEVICE_CHECK_BENCH:-}" ]]; then
     read -r -a BENCH_PLAN <<< "$DEVICE_CHECK_BENCH"
 fi
