@@ -36,8 +36,9 @@ costs about 55 µs per call over GPT-2 small's 148 tensors (native backend, 2-co
 GPT-2 small's whole read floor on an H100, and a ``TorchDispatchMode`` would see one opaque op where
 :mod:`fastgradstats.launches` counts each kernel.
 
-The ops read their inputs and write fresh outputs (no mutation, no aliasing), and register no autograd
-formula: statistics are read-only, and :mod:`fastgradstats.dispatch` calls them under ``torch.no_grad()``.
+The ops read their inputs and write fresh outputs (no mutation, no aliasing). Statistics are read-only: the
+outputs are marked non-differentiable (they never require grad, even of inputs that do), and
+:mod:`fastgradstats.dispatch` calls the ops under ``torch.no_grad()`` anyway.
 """
 
 from __future__ import annotations
@@ -104,6 +105,20 @@ def _pair_rows_op(a: list[Tensor], b: list[Tensor], origin: list[Tensor] | None,
 @_pair_rows_op.register_fake
 def _pair_rows_fake(a, b, origin, backend):
     return a[0].new_empty((len(a), PAIR_K), dtype=torch.float64)
+
+
+def _non_differentiable(ctx, inputs, output) -> None:
+    """Statistics are read-only: their outputs never require grad, so a backward through them fails with
+    torch's usual "does not require grad" error instead of giving a wrong gradient."""
+    ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
+
+
+def _no_backward(ctx, *grads):
+    raise RuntimeError("fastgradstats statistics are not differentiable")
+
+
+_raw_stats_op.register_autograd(_no_backward, setup_context=_non_differentiable)
+_pair_rows_op.register_autograd(_no_backward, setup_context=_non_differentiable)
 
 
 def raw_stats(tensors: list[Tensor], spec: HistSpec | None, backend: str | None) -> RawStats:

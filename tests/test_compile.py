@@ -336,3 +336,18 @@ def test_new_shapes_recompile_with_dynamic_sizes_and_stay_correct(backend):
     for sizes in ((5, 7), (9, 4), (13, 2)):
         tensors = [torch.randn(*sizes), torch.randn(sizes[0] * 3)]
         assert_same(f(tensors), tensor_fields(fgs.tensor_stats(tensors, hist="log2", backend=backend)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_with_inputs_that_require_grad(backend):
+    """Parameters as they are (requires_grad): the outputs are non-differentiable, so opcheck's autograd
+    checks pass and a backward through them fails loudly."""
+    params = [t.float().requires_grad_() for t in layers(nan=False)]
+    others = [t.detach() + 1 for t in params]
+    torch.library.opcheck(torch.ops.fastgradstats.raw_stats.default,
+                          (params, backend, "log2", 64, -48, 15, None, None))
+    torch.library.opcheck(torch.ops.fastgradstats.pair_rows.default, (params, others, None, backend))
+    rows, _, _ = torch.ops.fastgradstats.raw_stats(params, backend, None, 0, 0, 0, None, None)
+    assert not rows.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        rows.sum().backward()
