@@ -500,9 +500,17 @@ typedef struct {
 /* Adds to sums[value] the 8-byte sums of how many of the count * 64 bytes of fields equal value
    (count <= 255). */
 static inline void count_equal(const Bytes *fields, int64_t count, uint8_t value, Words *sums) {
+#if defined(__AVX512BW__)
+    /* a compare into a mask and an add under it: two instructions per 64 fields */
+    __m512i target = _mm512_set1_epi8((char)value), one = _mm512_set1_epi8(1), hits = _mm512_setzero_si512();
+    for (int64_t k = 0; k < count; k++)
+        hits = _mm512_mask_add_epi8(hits, _mm512_cmpeq_epi8_mask((__m512i)fields[k], target), hits, one);
+    sums[value] += byte_sums((Bytes)hits);
+#else
     Bytes hits = {0};
     for (int64_t k = 0; k < count; k++) hits -= (Bytes)(fields[k] == value);  /* == gives -1 or 0 */
     sums[value] += byte_sums(hits);
+#endif
 }
 
 /* Adds the exponent fields (bits 23-30) of float32 x[0:n] (n <= FBLOCK) to counts. A full block whose
