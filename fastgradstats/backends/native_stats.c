@@ -36,6 +36,7 @@ enum { CENTER_SAMPLE = 64 };                   /* elements whose mean shifts a f
 enum { FIELDS = 256 };                          /* float32 exponent fields */
 enum { COMPARED_FIELDS = 24 };                  /* the widest range of fields counted by comparisons */
 enum { JOINT_CELLS = 8192 };                    /* the largest joint (layer bin, total bin) count table */
+enum { JOINT_COPIES = 2 };  /* joint tables: 4 would not stay in L1 beside the streamed data */
 
 static const uint64_t FLUSH_AFTER = UINT32_MAX; /* elements a 32-bit count may take before its flush */
 
@@ -445,13 +446,13 @@ static void flush_counts(uint32_t *counts, int32_t bins, int64_t *hist) {
     memset(counts, 0, sizeof *counts * COPIES * (bins + 1));
 }
 
-/* Joint counts of (first bin, second bin) pairs, cell first * (bins + 1) + second, in COPIES interleaved
-   (bins + 1)² tables: one increment per element for two histograms. */
+/* Joint counts of (first bin, second bin) pairs, cell first * (bins + 1) + second, in JOINT_COPIES
+   interleaved (bins + 1)² tables: one increment per element for two histograms. */
 static void count_joint(const int32_t *cell, int64_t n, int32_t bins, uint32_t *tables) {
     int64_t cells = (int64_t)(bins + 1) * (bins + 1);
     int64_t i = 0;
-    for (; i + COPIES <= n; i += COPIES)
-        for (int c = 0; c < COPIES; c++) tables[c * cells + cell[i + c]]++;
+    for (; i + JOINT_COPIES <= n; i += JOINT_COPIES)
+        for (int c = 0; c < JOINT_COPIES; c++) tables[c * cells + cell[i + c]]++;
     for (; i < n; i++) tables[cell[i]]++;
 }
 
@@ -459,7 +460,7 @@ static void count_joint(const int32_t *cell, int64_t n, int32_t bins, uint32_t *
    them. */
 static void flush_joint(uint32_t *tables, int32_t bins, int64_t *hist, int64_t *total) {
     int64_t cells = (int64_t)(bins + 1) * (bins + 1);
-    for (int c = 1; c < COPIES; c++)
+    for (int c = 1; c < JOINT_COPIES; c++)
         for (int64_t cell = 0; cell < cells; cell++) tables[cell] += tables[c * cells + cell];
     for (int32_t a = 0; a <= bins; a++) {
         const uint32_t *line = tables + (int64_t)a * (bins + 1);
@@ -470,7 +471,7 @@ static void flush_joint(uint32_t *tables, int32_t bins, int64_t *hist, int64_t *
         }
         if (a < bins) hist[a] += across + line[bins];
     }
-    memset(tables, 0, sizeof *tables * COPIES * cells);
+    memset(tables, 0, sizeof *tables * JOINT_COPIES * cells);
 }
 
 /* Exponent-field counts of float32 values. */
@@ -670,7 +671,7 @@ int fgs_linear_hist(int64_t first, int64_t last, const int64_t *addr, const int6
     float fbuf[BLOCK];
     int32_t layer_bin[BLOCK], total_bin[BLOCK];
     int joint = (int64_t)(bins + 1) * (bins + 1) <= JOINT_CELLS;
-    size_t cells = (size_t)COPIES * (joint ? (size_t)(bins + 1) * (bins + 1) : (size_t)2 * (bins + 1));
+    size_t cells = joint ? (size_t)JOINT_COPIES * (bins + 1) * (bins + 1) : (size_t)2 * COPIES * (bins + 1);
     uint32_t *counts = calloc(cells, sizeof *counts);
     if (!counts) return -1;
     uint32_t *total_counts = joint ? NULL : counts + COPIES * (bins + 1);
