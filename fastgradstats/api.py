@@ -73,12 +73,10 @@ def tensor_stats(
 
 
 def derived_now(stats: LayerStats) -> LayerStats:
-    """``stats`` (and its total) with every field derived now, as torch ops in the graph being traced: the
-    lazy derivation of results (a ``functools.cached_property``, which takes a lock) is not traceable by
-    Dynamo, so inside ``torch.compile`` results come out derived."""
+    """``stats`` (and its total) with every field derived now, as torch ops in the graph being traced (so
+    a compiled function that returns results returns them derived, not derived later outside the graph)."""
     for result in (stats, stats.total):
-        if "_derived" not in result.__dict__:
-            result.__dict__["_derived"] = result._derive(result.rows)
+        result._derived  # noqa: B018  (derives on first read)
     return stats
 
 

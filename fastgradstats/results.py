@@ -11,7 +11,6 @@ and copies it with one :func:`to_host` call; ``stats.cpu()`` (and so ``to_dict``
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -101,15 +100,18 @@ class LayerStats:
         self._total = total
         self.splits: dict[str, range] = {}  # split layer name -> its parts' row indices (see split=)
         self._host_twin: LayerStats | None = None  # cpu()'s result, once made
-        if derived is not None:  # already derived (by the finalize kernel): no lazy derivation
-            self.__dict__["_derived"] = derived
+        self._derived_fields = derived  # None until first read, unless derived already (finalize kernel)
 
     def _derive(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    @functools.cached_property
+    @property
     def _derived(self) -> dict[str, torch.Tensor]:
-        return self._derive(self.rows)
+        """The derived fields, computed on first read (a plain attribute, not ``functools.cached_property``,
+        whose lock Dynamo cannot trace: results are read inside ``torch.compile`` too)."""
+        if self._derived_fields is None:
+            self._derived_fields = self._derive(self.rows)
+        return self._derived_fields
 
     @property
     def total(self):

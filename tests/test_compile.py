@@ -322,7 +322,7 @@ def test_a_compiled_function_may_return_the_results():
 def test_split_compiles_without_graph_break():
     def f(tensors):
         stats = fgs.tensor_stats(tensors, names=["w", "v"], split={"w": 3})
-        return stats.l2, stats.group("w").l2, stats.group("w").std
+        return stats.l2, stats.group("w").l2, stats.group("w").std, stats.group("w").total.l2
 
     assert_compiles(f, [torch.randn(6, 5), torch.randn(7)])
 
