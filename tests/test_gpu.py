@@ -401,6 +401,47 @@ def test_cuda_graph_replays_a_clip_step_with_statistics():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_cuda_graph_replays_the_alert_flags_with_a_clip_step():
+    """The Monitor's device-side alerts (AlertTracker: running means updated in place) captured with a clip
+    step: every replay raises the flags and keeps the running means of the same eager steps."""
+    from fastgradstats.monitoring.alerts import AlertConfig, AlertTracker
+
+    config = AlertConfig(warmup=1, exploding_ratio=1.0)  # above its running mean counts: flags vary per step
+    x, y = torch.randn(32, 48, device=DEVICE), torch.randn(32, 10, device=DEVICE)
+
+    def alert_step(model, tracker):
+        params = list(model.parameters())
+
+        def step():
+            for p in params:
+                p.grad.zero_()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            norm, stats = fgs.clip_grad_norm_(params, 0.05, return_stats=True)
+            flags = tracker.update(0, stats)
+            with torch.no_grad():
+                torch._foreach_add_(params, [p.grad for p in params], alpha=-0.1)
+            return norm, flags.flags["exploding"], flags.flags["vanishing"], flags.running_mean, flags.count()
+
+        return step
+
+    eager_tracker, graph_tracker = AlertTracker(config), AlertTracker(config)
+    eager_step, graph_step = alert_step(grad_model(), eager_tracker), alert_step(grad_model(), graph_tracker)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            graph_step(), eager_step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = graph_step()
+    for _ in range(4):
+        graph.replay()
+        assert_same_outputs(captured, eager_step())
+    assert_same_outputs([graph_tracker.grad_l2.mean, graph_tracker.grad_l2.seen],
+                        [eager_tracker.grad_l2.mean, eager_tracker.grad_l2.seen])
+
+
 def test_reduce_overhead_compile_of_a_clip_step_matches_eager():
     """torch.compile(mode="reduce-overhead") (CUDA graph trees) of clip + statistics + update, the gradients
     marked static (their addresses are fixed, as the segment table wants)."""

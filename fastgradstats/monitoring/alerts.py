@@ -131,12 +131,14 @@ class RunningMean:
         self.seen: torch.Tensor | None = None
 
     def fold(self, names: list[str], values: torch.Tensor, usable: torch.Tensor) -> None:
-        """Blend the ``usable`` entries of ``values`` (float64 [L], over ``names``) into the means."""
+        """Blend the ``usable`` entries of ``values`` (float64 [L], over ``names``) into the means, in place:
+        while the layers stay the same, ``mean`` and ``seen`` keep their addresses, so a CUDA graph that
+        captured a step replays into the same state."""
         self.align(names, values.device)
         first = self.mean.isnan()
         blended = self.decay * self.mean + (1 - self.decay) * values
-        self.mean = torch.where(usable, torch.where(first, values, blended), self.mean)
-        self.seen = self.seen + usable.long()
+        self.mean.copy_(torch.where(usable, torch.where(first, values, blended), self.mean))
+        self.seen.add_(usable.long())
 
     def align(self, names: list[str], device: torch.device) -> None:
         """Carry the state of layers that were seen before over to the order of ``names``."""

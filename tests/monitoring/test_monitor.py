@@ -324,3 +324,25 @@ def test_update_spike_alert_works_without_grad_and_stays_on_the_device():
     assert "alerts" not in record.__dict__
     assert {a.kind for a in record.alerts} == {"update_spike"}
     assert {a.layer for a in record.alerts} == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_alert_running_means_update_in_place():
+    """The running means keep their addresses from step to step (a captured CUDA graph replays into the same
+    state) and hold the EMA of the gradient norms."""
+    from fastgradstats.monitoring.alerts import AlertTracker
+
+    tracker = AlertTracker()
+    generator = torch.Generator().manual_seed(0)
+    steps = [fgs.tensor_stats([torch.randn(10, generator=generator), torch.randn(5, generator=generator)],
+                              names=["a", "b"]) for _ in range(3)]
+    tracker.update(1, steps[0])
+    history = tracker.grad_l2
+    addresses = history.mean.data_ptr(), history.seen.data_ptr()
+    for step, stats in enumerate(steps[1:], 2):
+        tracker.update(step, stats)
+    assert (history.mean.data_ptr(), history.seen.data_ptr()) == addresses
+    assert history.seen.tolist() == [3, 3]
+    decay, want = tracker.config.ema_decay, steps[0].l2.double()
+    for stats in steps[1:]:
+        want = decay * want + (1 - decay) * stats.l2.double()
+    torch.testing.assert_close(history.mean, want)
