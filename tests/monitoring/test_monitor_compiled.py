@@ -82,7 +82,9 @@ def test_compiled_records_match_the_eager_monitor(tmp_path):
 
 
 def test_next_tracked_counts_calls():
-    monitor = fgs.Monitor(tiny_model(), every=3, compiled=True)
+    model = tiny_model()
+    model(torch.randn(2, 4)).sum().backward()
+    monitor = fgs.Monitor(model, every=3, compiled=True)
     seen = []
     for _ in range(7):
         seen.append(monitor.next_tracked)
