@@ -156,12 +156,12 @@ def test_roofline_table_sets_the_prediction_beside_the_measured_fraction():
         return {"name": name, "predictions": [{"gpu": "H100 SXM", "fraction": 1.0},
                                               {"gpu": "H200", "fraction": fraction}]}
 
-    models = [model("tensor_stats_log2[bf16]", 0.6), model("tensor_stats_ranges[bf16]", 0.75),
+    models = [model("tensor_stats_log2[bf16]", 0.6), model("tensor_stats[bf16]", 0.75),
               model("linear_hist[bf16]", 0.25)]
     assert bench.predicted_fraction("stats+log2", "bfloat16", models, "H200") == 0.6
     assert bench.predicted_fraction("linear-hist", "bfloat16", models, "H200") == pytest.approx(
-        1 / (1 / 0.75 + 1 / 0.25))
-    assert bench.predicted_fraction("stats", "bfloat16", models, "H200") is None
+        1 / (1 / 0.75 + 1 / 0.25))  # the rows pass, then the histogram pass
+    assert bench.predicted_fraction("pair", "bfloat16", models, "H200") is None
     assert bench.predicted_fraction("trajectory", "bfloat16", models, "H200") is None
     records = [{"workload": "1b", "dtype": "bfloat16", "family": "stats+log2", "candidate": "ours", "ms": 1.0,
                 "gb_per_s": 2400.0, "floor_fraction": 0.55, "launches": 90, "error": None},

@@ -30,6 +30,7 @@ import fastgradstats as fgs
 
 COMPILED_FAMILY = "compiled"
 WIDTH, DEPTH, BATCH = 512, 4, 64
+NUM_TENSORS = 2 * DEPTH  # a weight and a bias per layer
 MAX_NORM, LEARNING_RATE = 1.0, 1e-3
 # candidate -> (compiled, with statistics); the first is ours
 CANDIDATES = {"ours": (True, True), "compiled-step": (True, False), "eager+stats": (False, True),
