@@ -375,6 +375,18 @@ def clip_train_step(model, x, y):
     return step
 
 
+def warm_up(*steps, rounds=3):
+    """Run each step ``rounds`` times on a side stream, as torch.cuda.graph wants before a capture (and so
+    that the segment tables a captured step reads are cached)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(rounds):
+            for step in steps:
+                step()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 def test_cuda_graph_replays_a_clip_step_with_statistics():
     """torch.cuda.graph captures the whole step (Triton kernels, segment table cached by the warm-up) and
     its replays match eager steps; capturing builds no new segment table."""
@@ -383,12 +395,7 @@ def test_cuda_graph_replays_a_clip_step_with_statistics():
     eager_model, graph_model = grad_model(), grad_model()
     x, y = torch.randn(32, 48, device=DEVICE), torch.randn(32, 10, device=DEVICE)
     eager_step, graph_step = clip_train_step(eager_model, x, y), clip_train_step(graph_model, x, y)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            graph_step(), eager_step()
-    torch.cuda.current_stream().wait_stream(side)
+    warm_up(graph_step, eager_step)
     misses = _cached_table.cache_info().misses
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -426,12 +433,7 @@ def test_cuda_graph_replays_the_alert_flags_with_a_clip_step():
 
     eager_tracker, graph_tracker = AlertTracker(config), AlertTracker(config)
     eager_step, graph_step = alert_step(grad_model(), eager_tracker), alert_step(grad_model(), graph_tracker)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            graph_step(), eager_step()
-    torch.cuda.current_stream().wait_stream(side)
+    warm_up(graph_step, eager_step)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = graph_step()
