@@ -67,13 +67,14 @@ if TYPE_CHECKING:
 INSTALL_HINT = 'pip install "fastgradstats[all]"'
 
 SCALAR_FIELDS: dict[str, tuple[str, ...]] = {
-    "grad": ("l2", "linf", "mean", "std", "nonfinite", "zeros"),
+    "grad": ("l2", "linf", "mean", "mean_abs", "std", "nonfinite", "zeros"),
     "param": ("l2", "std"),
     "update": ("dist", "ratio"),
-    "grad_cos": ("cos", "dist"),
-    "init": ("cos", "dist"),
+    "grad_cos": ("cos", "dist", "ratio"),
+    "init": ("cos", "dist", "ratio"),
 }
-"""The per-layer and whole-model fields each tracked kind contributes as scalars (``ratio`` is ‖Δθ‖ / ‖θ‖)."""
+"""The per-layer and whole-model fields each tracked kind contributes as scalars (``ratio`` is ‖a − b‖/‖b‖:
+‖Δθ‖/‖θ_before‖ for update, the relative change of the gradient for grad_cos, ‖θ − θ₀‖/‖θ₀‖ for init)."""
 OPTIM_SCALAR_FIELDS = ("l2", "linf", "ratio")
 """The fields of ``record.stats["optim"]`` (OptimizerStats) written for each state key and ``update`` as kind
 ``optim.{key}`` (``ratio``, of the update only: ‖Δθ‖ / ‖θ_before‖)."""
