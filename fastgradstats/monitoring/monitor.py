@@ -269,6 +269,9 @@ class Monitor:
             raise RuntimeError("Monitor.step() called after close()")
         if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
             raise TypeError(f"Monitor.step: step must be an int or None, got {type(step).__name__} {step!r}")
+        if stats is not None and (not isinstance(stats, dict) or set(stats) - set(self.track)):
+            raise ValueError(f"Monitor.step: stats= must be what compute() returned (kinds from "
+                             f"{self.track}), got {stats!r}")
         tracked = self.next_tracked
         self.steps += 1
         record = self._record(self.steps if step is None else step, stats) if tracked else None
@@ -342,11 +345,6 @@ class Monitor:
         self.close()
 
     def _record(self, step: int, computed: dict[str, TensorStats] | None = None) -> StepRecord:
-        if computed is not None:
-            extra = set(computed) - set(self.track)
-            if extra or not isinstance(computed, dict):
-                raise ValueError(f"Monitor.step: stats= must be what compute() returned (kinds from "
-                                 f"{self.track}), got {computed!r}")
         record = StepRecord(step)
         kwargs = {"hist": self.hist, "backend": self.backend, "split": self.split}
         named = list(self.model.named_parameters())

@@ -120,6 +120,9 @@ def test_compiled_mode_refuses_kinds_that_keep_copies_and_attach():
         monitor.attach(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="stats= must be what compute"):
         monitor.step(stats={"update": None})
+    with pytest.raises(ValueError, match="stats= must be what compute"):
+        monitor.step(stats=fgs.param_stats(model))
+    assert monitor.steps == 0  # refused calls count no step
 
 
 def test_compute_compiled_alone_gives_the_eager_statistics():
