@@ -178,8 +178,9 @@ def run_raw_stats(
         reducer.merge_maxima(rows)
     total_hist = None
     if spec is not None and not one_pass:
-        hist, total_hist = impl.linear_hist(flats, spec, linear_ranges(spec, rows), **options)
-    raw = RawStats(rows, hist, total_hist, triton=impl.NAME == "triton")
+        ranges = linear_ranges(spec, rows)
+        hist, total_hist = impl.linear_hist(flats, spec, ranges, **options)
+    raw = RawStats(rows, hist, total_hist, triton=impl.NAME == "triton", ranges=ranges)
     if reducer is not None:
         reducer.merge_sums(raw)
     return raw

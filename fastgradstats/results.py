@@ -394,7 +394,7 @@ class TensorStats(LayerStats):
             hist, edges, total_hist = raw.hist, log2_edges(spec, rows.device), raw.hist.sum(0)
             total_edges = edges
         elif spec is not None:
-            ranges = linear_ranges(spec, rows)
+            ranges = linear_ranges(spec, rows) if raw.ranges is None else raw.ranges
             hist, edges = raw.hist, linear_edges(ranges[:-1], spec.bins)
             total_hist = raw.hist.sum(0) if raw.total_hist is None else raw.total_hist
             total_edges = linear_edges(ranges[-1], spec.bins)
@@ -409,7 +409,7 @@ class TensorStats(LayerStats):
         out = finalize_tensor_stats(raw.rows, raw.hist, raw.total_hist, spec)
         edges = total_edges = out["edges"]
         if spec is not None and spec.kind == "linear":
-            ranges = linear_ranges(spec, raw.rows)
+            ranges = linear_ranges(spec, raw.rows) if raw.ranges is None else raw.ranges
             edges, total_edges = linear_edges(ranges[:-1], spec.bins), linear_edges(ranges[-1], spec.bins)
         total = cls(out["total_row"], ["total"], out["total_hist"], total_edges, derived=out["total"],
                     norms=out["total_norms"], spec=spec)

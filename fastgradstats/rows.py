@@ -54,12 +54,15 @@ class RawStats:
         (a linear histogram over per-layer data ranges); None otherwise.
     triton: the rows come from the Triton kernels, whose finalize kernel then derives every field in one
         launch (:mod:`fastgradstats.kernels.finalize`); other backends derive with :func:`derive`.
+    ranges: float32 [L + 1, 3] ranges a linear histogram was binned over (:func:`~.hist.linear_ranges`),
+        kept so that its edges need not derive them again; None otherwise (or when not kept).
     """
 
     rows: torch.Tensor
     hist: torch.Tensor | None = None
     total_hist: torch.Tensor | None = None
     triton: bool = False
+    ranges: torch.Tensor | None = None
 
 
 def empty_rows(num_layers: int, device: torch.device | str = "cpu") -> torch.Tensor:

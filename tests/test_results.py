@@ -145,3 +145,20 @@ def test_stats_cpu_copies_once_and_keeps_the_host_copy(monkeypatch):
     assert host.l2.device.type == "cpu" and torch.equal(host.hist, stats.hist.cpu())
     stats.to_dict(), stats.table(), stats.total.to_dict()
     assert len(copies) == 1
+
+
+@pytest.mark.parametrize("value_range", [None, (-1.0, 1.0)])
+def test_linear_edges_reuse_the_ranges_the_histogram_was_binned_over(monkeypatch, value_range):
+    """Eager results take their edges from the ranges dispatch binned over: linear_ranges runs once."""
+    from fastgradstats import results
+
+    def derive_again(*args):
+        raise AssertionError("the ranges were derived a second time")
+
+    monkeypatch.setattr(results, "linear_ranges", derive_again)
+    tensors = [torch.randn(40, device=DEVICE), torch.randn(7, device=DEVICE) * 3]
+    stats = fgs.tensor_stats(tensors, hist="linear", bins=5, range=value_range)
+    lo, hi = value_range or (tensors[0].min().item(), tensors[0].max().item())
+    assert stats.hist_edges[0, 0].item() == pytest.approx(lo)
+    assert stats.hist_edges[0, -1].item() == pytest.approx(hi)
+    assert stats.total.hist_edges.shape == (6,)
