@@ -4,9 +4,10 @@ Same raw rows and histograms as the torch backend (the reference it is tested ag
 read once for all statistics and histograms, where the torch backend makes a pass per reduction. The C file
 is compiled on first use with the system's C compiler (``$CC``, else ``cc``; ``-O3 -march=native``) into
 ``$FASTGRADSTATS_CACHE`` (default ``~/.cache/fastgradstats``) and loaded with ctypes, which releases the GIL
-during a call. Tensors are cut into chunks of ``chunk_size`` elements; each thread takes a contiguous range of
-chunks with about the same number of elements, each chunk writes its own row, and the rows are merged in
-chunk order, so results do not depend on the thread count. Sums are taken in float64.
+during a call. Tensors are cut into chunks of ``chunk_size`` elements, grouped into contiguous chunk ranges
+of about the same number of elements (RANGES_PER_THREAD per thread), which the threads take in turn; each
+chunk writes its own row and each range its own histogram counts, merged in chunk order, so results do not
+depend on the thread count. Rows are float64 (the C file says how each block is summed).
 
 This is the default backend for CPU tensors whenever the compiler is there; ``backend="torch"`` or
 ``FASTGRADSTATS_BACKEND=torch`` selects the reference instead.
@@ -315,19 +316,19 @@ def raw_rows(
     :class:`fastgradstats.dispatch.Backend`)."""
     kernels = _kernels()
     chunks = _Chunks([_checked(tensors)], chunk_size)
-    threads = _ranges_by_thread(chunks.numel)
+    chunk_ranges = _ranges_by_thread(chunks.numel)
     bins = spec.bins if spec else 0
     chunk_rows = np.empty((chunks.count, K), dtype=np.float64)
-    hist = np.zeros((len(threads), len(tensors), bins), dtype=np.int64)
+    hist = np.zeros((len(chunk_ranges), len(tensors), bins), dtype=np.int64)
     layer_ranges = None if ranges is None else np.ascontiguousarray(ranges.numpy())
 
-    def stats(thread: int, first: int, last: int) -> int:
+    def stats(index: int, first: int, last: int) -> int:
         return kernels.fgs_tensor_stats(
             first, last, chunks.addresses[0].ctypes.data, chunks.numel.ctypes.data, chunks.dtypes.ctypes.data,
             chunks.layer.ctypes.data, chunk_rows.ctypes.data, HIST_KINDS[spec.kind if spec else None], bins,
-            spec.min_exp if spec else 0, _address(layer_ranges), hist[thread].ctypes.data)
+            spec.min_exp if spec else 0, _address(layer_ranges), hist[index].ctypes.data)
 
-    _run(stats, threads)
+    _run(stats, chunk_ranges)
     rows = merge_rows_by_index(torch.from_numpy(chunk_rows), torch.from_numpy(chunks.layer), len(tensors))
     return rows, torch.from_numpy(hist.sum(0)) if spec else None
 
@@ -342,25 +343,23 @@ def linear_hist(
     float32 [L + 1, 3], and int64 [B] counts of all of them over the last range."""
     kernels = _kernels()
     chunks = _Chunks([_checked(tensors)], chunk_size)
-    threads = _ranges_by_thread(chunks.numel)
+    chunk_ranges = _ranges_by_thread(chunks.numel)
     all_ranges = np.ascontiguousarray(ranges.numpy())
-    hist = np.zeros((len(threads), len(tensors), spec.bins), dtype=np.int64)
-    totals = np.zeros((len(threads), spec.bins), dtype=np.int64)
+    hist = np.zeros((len(chunk_ranges), len(tensors), spec.bins), dtype=np.int64)
+    totals = np.zeros((len(chunk_ranges), spec.bins), dtype=np.int64)
 
-    def linear(thread: int, first: int, last: int) -> int:
+    def linear(index: int, first: int, last: int) -> int:
         return kernels.fgs_linear_hist(
             first, last, chunks.addresses[0].ctypes.data, chunks.numel.ctypes.data, chunks.dtypes.ctypes.data,
             chunks.layer.ctypes.data, spec.bins, all_ranges.ctypes.data, len(tensors),
-            hist[thread].ctypes.data, totals[thread].ctypes.data)
+            hist[index].ctypes.data, totals[index].ctypes.data)
 
-    _run(linear, threads)
+    _run(linear, chunk_ranges)
     return torch.from_numpy(hist.sum(0)), torch.from_numpy(totals.sum(0))
 
 
 def _address(array: np.ndarray | None) -> int | None:
     return None if array is None else array.ctypes.data
-
-
 
 
 def pair_rows(
@@ -379,7 +378,7 @@ def pair_rows(
     dtypes[:, : len(lists)] = chunks.dtypes
     origin_addresses = chunks.addresses[2] if origin is not None else np.zeros(chunks.count, dtype=np.int64)
 
-    def pairs(thread: int, first: int, last: int) -> int:
+    def pairs(index: int, first: int, last: int) -> int:
         return kernels.fgs_pair_stats(
             first, last, chunks.addresses[0].ctypes.data, chunks.addresses[1].ctypes.data,
             origin_addresses.ctypes.data, dtypes.ctypes.data, chunks.numel.ctypes.data,

@@ -2,10 +2,10 @@
 
 Each tensor is walked in chunks of ``chunk_size`` elements, converted (bf16/fp16) into a reusable float32
 buffer, so scratch memory is O(chunk), never O(model), and the handful of passes over a chunk hit the cache.
-Within a chunk, Σx and M2 (for the variance, from deviations around a shift near the chunk mean) are summed
-in float64 from float32 values, the other reductions in float32; chunk rows merge in float64 (M2 by Chan's
-formula). Histograms are binned exactly as the kernels bin them. Nothing here syncs with a CUDA device; on
-the CPU a finite Σ|x| lets a chunk skip the search for NaN and Inf.
+Within a chunk, Σx is summed in float64, M2 (for the variance) from torch's float32 sums of deviations
+around a shift near the chunk mean, the other reductions in float32; chunk rows merge in float64 (M2 by
+Chan's formula). Histograms are binned exactly as the kernels bin them. Nothing here syncs with a CUDA
+device; on the CPU a finite Σ|x| lets a chunk skip the search for NaN and Inf.
 """
 
 from __future__ import annotations
