@@ -125,7 +125,9 @@ class Backend(Protocol):
     def linear_hist(self, tensors: list[torch.Tensor], spec: HistSpec, ranges: torch.Tensor,
                     **options) -> tuple[torch.Tensor, torch.Tensor]:
         """(int64 [L, B] counts of each layer over its range, int64 [B] counts of all layers over the last
-        range) of a linear histogram; ``ranges`` float32 [L + 1, 3] (lo, hi, scale)."""
+        range) of a linear histogram; ``ranges`` float32 [L + 1, 3] (lo, hi, scale) are data ranges: each
+        holds every finite value of its layer (the last one of every layer), so exactly the finite values
+        count."""
 
     def pair_rows(self, a: list[torch.Tensor], b: list[torch.Tensor], origin: list[torch.Tensor] | None,
                   **options) -> torch.Tensor:

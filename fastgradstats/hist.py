@@ -9,9 +9,10 @@ Two kinds, both computed in the same pass as the other statistics:
   range saturate to ±FLT_MAX), ``range`` must stay finite with lo < hi once rounded to float32 (else
   ValueError), and a data range is clamped to ±FLT_MAX. Edge rules are those of ``torch.histc`` on float32:
   the bin of lo <= x <= hi is ``int((x - lo) * bins / (hi - lo))`` evaluated in float32 — as if float32 had no
-  overflow: x, lo and hi are first scaled by a power of two s (exact; s < 1 only when max(|lo|, |hi|) >=
-  2^101), where torch.histc itself overflows — then clamped to [0, bins - 1]; a value equal to hi goes in
-  the last bin, values outside [lo, hi] and non-finite values are not counted.
+  overflow or underflow: x, lo and hi are first scaled by a power of two s (exact; s < 1 only when
+  max(|lo|, |hi|) >= 2^101, where torch.histc itself overflows, s > 1 only when it is below 2^-100, so that
+  hi - lo is a normal number) — then clamped to [0, bins - 1]; a value equal to hi goes in the last bin,
+  values outside [lo, hi] and non-finite values are not counted.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ DEFAULT_MAX_EXP = 15
 LOWEST_MIN_EXP = -126
 HIGHEST_MAX_EXP = 127
 FLOAT32_MAX = torch.finfo(torch.float32).max
-# Linear bins are computed on values scaled below 2^(SCALED_EXP + 1): (x - lo)·bins cannot overflow float32.
+# Linear bins are computed on values scaled into [2^-SCALED_EXP, 2^(SCALED_EXP + 1)): (x - lo)·bins cannot
+# overflow float32 and hi - lo >= 2^-125 is normal, so backends may divide by it through its reciprocal.
 SCALED_EXP = 100
 
 
@@ -106,7 +108,8 @@ def linear_ranges(spec: HistSpec, rows: torch.Tensor) -> torch.Tensor:
     device: no sync), clamped to ±FLT_MAX and widened like ``torch.histc`` where lo == hi in float32: to
     (min(lo - 1, lo⁻), max(hi + 1, hi⁺)) with x⁻/x⁺ the neighbouring float32 values (no finite element:
     (-1, 1)). s is the power of two by which every backend scales x, lo and hi before it bins (module
-    docstring): 2^-(e - SCALED_EXP) for e = floor(log2 max(|lo|, |hi|)) > SCALED_EXP, else 1.
+    docstring): 2^-(e - SCALED_EXP) for e = floor(log2 max(|lo|, |hi|)) > SCALED_EXP, 2^(-SCALED_EXP - e) for
+    e < -SCALED_EXP, else 1.
     """
     if spec.range is not None:
         return fixed_ranges(spec, rows.shape[0], rows.device)
@@ -130,7 +133,8 @@ def fixed_ranges(spec: HistSpec, num_layers: int, device: torch.device | str = "
 def _with_scale(lo_hi: torch.Tensor) -> torch.Tensor:
     """[R, 3] (lo, hi, s) of ranges [R, 2], s as documented in :func:`linear_ranges`."""
     exponent = torch.frexp(lo_hi.abs().amax(-1)).exponent - 1  # floor(log2 max(|lo|, |hi|))
-    scale = torch.ldexp(torch.ones_like(lo_hi[:, 0]), -(exponent - SCALED_EXP).clamp_min(0))
+    shift = (exponent - SCALED_EXP).clamp_min(0) - (-SCALED_EXP - exponent).clamp_min(0)
+    scale = torch.ldexp(torch.ones_like(lo_hi[:, 0]), -shift)
     return torch.cat([lo_hi, scale[:, None]], dim=-1)
 
 

@@ -50,18 +50,37 @@ FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
-def _linear_bins(x, valid, lo, hi, scale, BINS: tl.constexpr, WIDE: tl.constexpr):
+def _linear_bins(x, valid, lo, hi, scale, BINS: tl.constexpr, WIDE: tl.constexpr, DATA_RANGE: tl.constexpr):
     """int32 bins of x by the linear rule of :mod:`fastgradstats.hist` over (lo, hi, scale); values not
-    counted (outside [lo, hi], non-finite, or not valid) go to the spill slot BINS."""
+    counted (outside [lo, hi], non-finite, or not valid) go to the spill slot BINS. A DATA_RANGE holds every
+    finite value of x (see :func:`linear_hist`), so only the finite ones are tested.
+
+    The rule's correctly rounded division n / w (w = hi·s - lo·s, normal by the choice of s) is n·r with
+    r = 1/w, corrected by one exact residual (Markstein): q0 = n·r, e = n - q0·w (exact with an fma),
+    q = q0 + e·r is n / w correctly rounded for normal n; a subnormal n gives a quotient < 1 either way, so
+    the same bin 0. Three fmas instead of a division per element.
+    """
     if WIDE:  # float64: finite values beyond float32's range saturate to ±FLT_MAX
         big = (tl.abs(x) > FLOAT32_MAX) & (tl.abs(x) < float("inf"))
         x = tl.where(big, tl.where(x > 0, FLOAT32_MAX, -FLOAT32_MAX), x)
     x = x.to(tl.float32)
-    counted = valid & (x >= lo) & (x <= hi)  # False for NaN; ±inf lies outside every (finite) range
+    if DATA_RANGE:
+        counted = valid & (tl.abs(x) < float("inf"))
+    else:
+        counted = valid & (x >= lo) & (x <= hi)  # False for NaN; ±inf lies outside every (finite) range
     scaled_lo = lo * scale
-    position = tl.math.div_rn((tl.where(counted, x, lo) * scale - scaled_lo) * BINS, hi * scale - scaled_lo)
-    position = tl.minimum(tl.maximum(position, 0.0), BINS - 1)
-    return tl.where(counted, position.to(tl.int32), BINS)
+    width = hi * scale - scaled_lo
+    inverse = tl.math.div_rn(1.0, width)  # loop-invariant: hoisted out of the caller's loop
+    if (BINS & (BINS - 1)) == 0:  # (x·s - lo·s)·BINS in one rounding: scaling by 2^k is exact
+        n = tl.fma(x, scale * BINS, -scaled_lo * BINS)
+    else:
+        n = (x * scale - scaled_lo) * BINS
+    q0 = n * inverse
+    q = tl.fma(tl.fma(-q0, width, n), inverse, q0)  # >= 0 where counted
+    # Clamped after the conversion, as unsigned: that also shows the compiler every slot is in range, so
+    # tl.histogram needs no branch. Uncounted lanes may convert NaN or ±inf: their slot is BINS anyway.
+    index = tl.minimum(q.to(tl.int32).to(tl.uint32), BINS - 1)
+    return tl.where(counted, index, BINS).to(tl.int32)
 
 
 @triton.jit
@@ -93,8 +112,10 @@ def _moments(x, valid, shift, sum_d, sum_d2, abs_sum, max_x, min_x, zeros, FULL:
 
 @triton.jit
 def _histogram(x, valid, lo, hi, scale, HIST: tl.constexpr, WIDE: tl.constexpr, MIN_EXP: tl.constexpr,
-               MAX_EXP: tl.constexpr, BINS: tl.constexpr, PADDED_BINS: tl.constexpr, SIZE: tl.constexpr):
-    """int32 [PADDED_BINS] counts of a tile x [R, V] of SIZE = R·V elements (HIST 1: log2, 2: linear).
+               MAX_EXP: tl.constexpr, BINS: tl.constexpr, PADDED_BINS: tl.constexpr, SIZE: tl.constexpr,
+               DATA_RANGE: tl.constexpr):
+    """int32 [PADDED_BINS] counts of a tile x [R, V] of SIZE = R·V elements (HIST 1: log2, 2: linear,
+    over a data range if DATA_RANGE).
 
     Every lane goes to some slot, so the count needs no mask (no branch per element). log2 of 32-bit values
     counts float32 exponent fields (slot 256: invalid lanes), which :func:`_fold_fields` folds into the
@@ -121,7 +142,7 @@ def _histogram(x, valid, lo, hi, scale, HIST: tl.constexpr, WIDE: tl.constexpr, 
         bins = tl.where(magnitude == 0, BINS, bins)
         bins = tl.where(valid, bins, BINS + 2)
     else:
-        bins = _linear_bins(x, valid, lo, hi, scale, BINS, WIDE)
+        bins = _linear_bins(x, valid, lo, hi, scale, BINS, WIDE, DATA_RANGE)
     return tl.histogram(tl.reshape(bins, [SIZE]), PADDED_BINS)
 
 
@@ -204,10 +225,10 @@ def _chunk_kernel(
                 x, all_valid, shift, sum_d, sum_d2, abs_sum, max_x, min_x, zeros, True, ZEROS)
         if HIST != 0:
             hist += _histogram(x, all_valid, lo, hi, scale, HIST, WIDE, MIN_EXP, MAX_EXP, BINS, PADDED_BINS,
-                               BLOCK)
+                               BLOCK, TOTAL_HIST)
             if TOTAL_HIST:
                 total_hist += _histogram(x, all_valid, total_lo, total_hi, total_scale, HIST, WIDE, MIN_EXP,
-                                         MAX_EXP, BINS, PADDED_BINS, BLOCK)
+                                         MAX_EXP, BINS, PADDED_BINS, BLOCK, TOTAL_HIST)
     for edge in tl.static_range(2):  # the partial tiles at either end, R elements a step (few registers)
         edge_lo, edge_hi = edge_range(edge, lo_idx, hi_idx, first_full, last_full, BLOCK)
         for start in range(edge_lo, edge_hi, R):
@@ -219,10 +240,10 @@ def _chunk_kernel(
                     x, valid, shift, sum_d, sum_d2, abs_sum, max_x, min_x, zeros, False, ZEROS)
             if HIST != 0:
                 hist += _histogram(x, valid, lo, hi, scale, HIST, WIDE, MIN_EXP, MAX_EXP, BINS, PADDED_BINS,
-                                   R)
+                                   R, TOTAL_HIST)
                 if TOTAL_HIST:
                     total_hist += _histogram(x, valid, total_lo, total_hi, total_scale, HIST, WIDE, MIN_EXP,
-                                             MAX_EXP, BINS, PADDED_BINS, R)
+                                             MAX_EXP, BINS, PADDED_BINS, R, TOTAL_HIST)
 
     if ROWS:
         # Rows to the chunk by Chan's formula, in float64: n_r, mean_r = c_r + Σd/n_r, M2_r = Σd² - (Σd)²/n_r.
@@ -324,7 +345,9 @@ def linear_hist(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """int64 [L, B] linear-histogram counts of each tensor over its range in ``ranges`` float32 [L + 1, 3]
     (read on the device: no sync), and int64 [B] counts of all tensors over the last range: one
-    histogram-only stage 1 per dtype group."""
+    histogram-only stage 1 per dtype group. The ranges are data ranges
+    (:func:`fastgradstats.hist.linear_ranges`): they hold every finite value, so the kernel tests finiteness
+    only."""
     device = tensors[0].device
     hist = torch.zeros(len(tensors), spec.bins, dtype=torch.int64, device=device)
     total_hist = torch.zeros(spec.bins, dtype=torch.int64, device=device)

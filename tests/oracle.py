@@ -98,14 +98,16 @@ def linear_hist(x: np.ndarray, bins: int, lo: float, hi: float) -> np.ndarray:
 
     Values equal to hi go to the last bin; values outside [lo, hi] and non-finite values are not counted.
     Where float32 would overflow (max(|lo|, |hi|) >= 2^101), x, lo and hi are first scaled by 2^-k so that
-    the largest of |lo|, |hi| is below 2^101 (exact, powers of two).
+    the largest of |lo|, |hi| is below 2^101; where it is below 2^-100, by 2^k so that it is at least 2^-100
+    (exact, powers of two).
     """
     x32 = _as_float32(x)
     lo32, hi32 = np.float32(lo), np.float32(hi)
     with np.errstate(invalid="ignore"):
         x32 = x32[np.isfinite(x32) & (x32 >= lo32) & (x32 <= hi32)]
     _, exponent = np.frexp(max(abs(lo32), abs(hi32)))
-    scale = np.float32(2.0 ** -max(0, int(exponent) - 1 - 100))
+    e = int(exponent) - 1
+    scale = np.float32(2.0 ** (-max(0, e - 100) + max(0, -100 - e)))
     position = ((x32 * scale - lo32 * scale) * np.float32(bins)) / (hi32 * scale - lo32 * scale)
     assert position.dtype == np.float32
     index = np.clip(position.astype(np.int64), 0, bins - 1)

@@ -108,15 +108,16 @@ def test_statistics_without_histogram_have_no_barrier_in_their_loop(compiled, ar
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_histogram_barriers_and_linear_passes_do_not_regress(compiled, arch):
-    """Not yet at issue 11's budgets (linear passes >= 0.6, at most one barrier per 16K elements): these pin
-    today's figures so that they can only improve. tl.histogram issues 3 CTA barriers per call, one call per
-    16 KB tile; the linear bins need a correctly rounded float32 division per element (torch.histc's rule)."""
+    """Issue 11's linear budget (>= 0.6) holds for float32 on every GPU; 16-bit linear passes reach 0.59-0.61
+    of the H200 floor (0.84-0.87 on an H100): pinned at 0.55 so that they can only improve. tl.histogram
+    issues 3 CTA barriers per call, one call per 16 KB tile (the budget is one per 16K elements)."""
     for dtype in DTYPES:
         m = compiled[arch][f"tensor_stats_log2[{dtype}]"]
         assert m["barriers_per_iteration"] <= 3 and m["elements_per_cta_iteration"] >= 4096, m["name"]
         for family in LINEAR_FAMILIES:
             m = compiled[arch][f"{family}[{dtype}]"]
-            assert min(_fractions(m).values()) >= 0.2, (m["name"], _fractions(m))
+            floor = 0.85 if dtype == "fp32" else 0.55
+            assert min(_fractions(m).values()) >= floor, (m["name"], _fractions(m))
 
 
 def test_issue_and_little_bounds_on_a_toy_gpu():

@@ -269,6 +269,32 @@ def test_linear_bins_follow_histc_edge_rules(poison):
     assert torch.equal(got.hist[0].cpu(), torch.histc(finite, bins=8, min=-1, max=1).to(torch.int64))
 
 
+def _edge_neighbourhood(lo: float, hi: float, bins: int) -> torch.Tensor:
+    """float32 values at, just below and just above every bin edge of (lo, hi) (by float64 arithmetic), where
+    a quotient off by one ulp would change the bin."""
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64).to(torch.float32)
+    up = torch.nextafter(edges, torch.full_like(edges, math.inf))
+    down = torch.nextafter(edges, torch.full_like(edges, -math.inf))
+    return torch.cat([edges, up, down, torch.nextafter(up, up + 1), torch.nextafter(down, down - 1)])
+
+
+@pytest.mark.parametrize("bins", [3, 7, 10, 64, 100])
+@pytest.mark.parametrize("bounds", [(-1.0, 1.0), (0.1, 0.7), (-3e-3, 1e-3), (2.0**-130, 2.0**-128),
+                                    (-1e38, 3e38), (1000.0, 1000.5)])
+def test_linear_bins_equal_division_next_to_every_edge(poison, bins, bounds):
+    """The kernels divide by multiplying with the range's reciprocal and one exact fma correction; the bins
+    must stay those of the correctly rounded division (torch backend), for fixed and data ranges, power-of-two
+    and other bin counts, subnormal (scaled up) and huge (scaled down) ranges."""
+    tensors = [_edge_neighbourhood(*bounds, bins).to(DEVICE)]
+    tensors.append(tensors[0].flip(0)[5:])
+    for spec in (HistSpec.make("linear", bins=bins, range=bounds), HistSpec.make("linear", bins=bins)):
+        got, want = poison(triton_raw, tensors, spec), raw_stats("torch", tensors, spec)
+        assert torch.equal(got.hist.cpu(), want.hist.cpu()), spec  # (sums of squares of 1e-39 underflow)
+        assert (got.total_hist is None) == (want.total_hist is None)
+        if want.total_hist is not None:
+            assert torch.equal(got.total_hist.cpu(), want.total_hist.cpu()), spec
+
+
 def test_linear_histogram_with_one_bin(poison):
     x = torch.randn(45, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     for spec in (HistSpec.make("linear", bins=1), HistSpec.make("linear", bins=1, range=(-0.5, 0.5))):
