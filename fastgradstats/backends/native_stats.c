@@ -15,7 +15,9 @@
 
    Histogram counts are taken per element in 32-bit counters and added into the 64-bit counts of a layer when
    the next chunk belongs to another layer, when they could wrap, and at the end. Every histogram bin index
-   is bounded before it is used, whatever the floating-point arithmetic gives. */
+   is bounded before it is used, whatever the floating-point arithmetic gives. Linear bins divide through a
+   reciprocal with an exact FMA correction (quotient), and the two linear histograms of a data-range pass are
+   counted together, one increment per value, by path cell (see "Path counting"). */
 
 #include <float.h>
 #include <math.h>
@@ -380,23 +382,40 @@ static void linear_bins(const double *x, int64_t n, const float *lo_hi_scale, in
     }
 }
 
-/* A linear range (lo, hi, scale) prepared for float32 binning. */
+/* A linear range (lo, hi, scale) prepared for float32 binning: reciprocal = 1/width rounded to float32, with
+   which float_bin divides when width and its reciprocal are normal (always, for the ranges of hist.py: width
+   >= 2^-125); divide is set otherwise. */
 typedef struct {
-    float lo, hi, scale, scaled_lo, width, bins, last;
+    float lo, hi, scale, scaled_lo, width, reciprocal, bins, last;
+    int divide;
 } Range;
 
 static Range prepared(const float *lo_hi_scale, int32_t bins) {
-    Range r = {lo_hi_scale[0], lo_hi_scale[1], lo_hi_scale[2], 0.0f, 0.0f, (float)bins, (float)(bins - 1)};
+    Range r = {.lo = lo_hi_scale[0], .hi = lo_hi_scale[1], .scale = lo_hi_scale[2], .bins = (float)bins,
+               .last = (float)(bins - 1)};
     r.scaled_lo = r.lo * r.scale;
     r.width = r.hi * r.scale - r.scaled_lo;
+    r.reciprocal = 1.0f / r.width;
+    r.divide = !(r.width >= FLT_MIN && r.width <= 0x1p125f);
     return r;
+}
+
+/* numerator / r->width, correctly rounded: by a division when divide is set, else through the reciprocal
+   (Markstein): q0 = n·(1/w), e = n - q0·w (exact, by an FMA), q = q0 + e·(1/w), which is the correctly
+   rounded n/w whenever n is a normal float; a subnormal n's quotient may differ from it by an ulp, but both
+   are below 1 (the first bin). */
+INLINE float quotient(float numerator, const Range *r, int divide) {
+    if (divide) return numerator / r->width;
+    float q0 = numerator * r->reciprocal;
+    float e = fmaf(-q0, r->width, numerator);
+    return fmaf(e, r->reciprocal, q0);
 }
 
 /* linear_bins' bin of a float32 value (spill: bins). An uncounted value's position may be NaN or Inf: the
    clamps bound it before its conversion, and its bin is the spill bin anyway. */
-INLINE int32_t float_bin(float value, const Range *r, int32_t bins) {
+INLINE int32_t float_bin(float value, const Range *r, int32_t bins, int divide) {
     int32_t counted = (value >= r->lo) & (value <= r->hi);  /* false for NaN */
-    float position = (value * r->scale - r->scaled_lo) * r->bins / r->width;
+    float position = quotient(fmaf(value, r->scale, -r->scaled_lo) * r->bins, r, divide);
     position = position > 0.0f ? position : 0.0f;  /* also maps NaN to 0 */
     position = position < r->last ? position : r->last;
     int32_t inside = (int32_t)position;  /* converted unconditionally: a loop without branches */
@@ -404,32 +423,35 @@ INLINE int32_t float_bin(float value, const Range *r, int32_t bins) {
 }
 
 /* linear_bins of the float32 values of x, of kind F32 or BF16. */
-INLINE void float_linear_bins(const void *x, int32_t kind, int64_t n, const float *lo_hi_scale, int32_t bins,
-                              int32_t *bin) {
-    Range r = prepared(lo_hi_scale, bins);
-    for (int64_t i = 0; i < n; i++) bin[i] = float_bin(load_float(x, i, kind), &r, bins);
+INLINE void float_linear_bins(const void *x, int32_t kind, int64_t n, const Range *r, int divide,
+                              int32_t bins, int32_t *bin) {
+    for (int64_t i = 0; i < n; i++) bin[i] = float_bin(load_float(x, i, kind), r, bins, divide);
 }
 
 /* The joint cells first_bin * (bins + 1) + second_bin of x's values over two ranges. */
-INLINE void float_joint_cells(const void *x, int32_t kind, int64_t n, const float *first, const float *second,
-                              int32_t bins, int32_t *cell) {
-    Range a = prepared(first, bins), b = prepared(second, bins);
+INLINE void float_joint_cells(const void *x, int32_t kind, int64_t n, const Range *a, const Range *b,
+                              int divide, int32_t bins, int32_t *cell) {
     for (int64_t i = 0; i < n; i++) {
         float value = load_float(x, i, kind);
-        cell[i] = float_bin(value, &a, bins) * (bins + 1) + float_bin(value, &b, bins);
+        cell[i] = float_bin(value, a, bins, divide) * (bins + 1) + float_bin(value, b, bins, divide);
     }
 }
 
 static void joint_cells_float(const void *x, int32_t kind, int64_t n, const float *first, const float *second,
                               int32_t bins, int32_t *cell) {
-    if (kind == F32) float_joint_cells(x, F32, n, first, second, bins, cell);
-    else float_joint_cells(x, BF16, n, first, second, bins, cell);
+    Range a = prepared(first, bins), b = prepared(second, bins);
+    int divide = a.divide || b.divide;
+    if (divide) float_joint_cells(x, kind, n, &a, &b, 1, bins, cell);
+    else if (kind == F32) float_joint_cells(x, F32, n, &a, &b, 0, bins, cell);
+    else float_joint_cells(x, BF16, n, &a, &b, 0, bins, cell);
 }
 
 static void linear_bins_float(const void *x, int32_t kind, int64_t n, const float *lo_hi_scale, int32_t bins,
                               int32_t *bin) {
-    if (kind == F32) float_linear_bins(x, F32, n, lo_hi_scale, bins, bin);
-    else float_linear_bins(x, BF16, n, lo_hi_scale, bins, bin);
+    Range r = prepared(lo_hi_scale, bins);
+    if (r.divide) float_linear_bins(x, kind, n, &r, 1, bins, bin);
+    else if (kind == F32) float_linear_bins(x, F32, n, &r, 0, bins, bin);
+    else float_linear_bins(x, BF16, n, &r, 0, bins, bin);
 }
 
 static void count_bins(const int32_t *bin, int64_t n, int32_t bins, uint32_t *counts) {
@@ -660,6 +682,166 @@ int fgs_tensor_stats(int64_t first, int64_t last, const int64_t *addr, const int
     return 0;
 }
 
+/* Path counting of two linear histograms at once. Over the values x inside both ranges, each range's bin is a
+   non-decreasing function of x, so their sum, the path cell s = layer bin + total bin, is too, and it
+   determines both bins (path_bins). Blocks whose values are all inside both ranges are counted by path cell:
+   one increment per value into PATH_COPIES interleaved tables of PATH_CELLS counts, which stay in L1. */
+
+enum { PATH_CELLS = 128, PATH_OUTSIDE = 127, PATH_COPIES = 4 };  /* bins <= 64: s <= 126 */
+enum { BF16_PATTERNS = 1 << 16 };
+
+/* float32 values in the order of integers: a < b iff key(a) < key(b) (-0 and +0 are both 0); finite x. */
+static int64_t float_key(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return bits >> 31 ? -(int64_t)(bits & 0x7fffffff) : (int64_t)bits;
+}
+
+static float key_float(int64_t key) {
+    uint32_t bits = key < 0 ? 0x80000000u | (uint32_t)-key : (uint32_t)key;
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+/* first[k] for k = 1 ... bins - 1: the key of the smallest x in [lo, hi] whose bin over r (divide unset) is
+   at least k, key(hi) + 1 when there is none; found from an estimate by doubling steps, then by bisection. */
+static void bin_thresholds(const Range *r, int32_t bins, int64_t *first) {
+    int64_t low = float_key(r->lo), high = float_key(r->hi);
+    for (int32_t k = 1; k < bins; k++) {
+        double estimate = (double)r->lo + ((double)r->hi - (double)r->lo) * k / bins;
+        int64_t guess = float_key((float)estimate), below, above;  /* bin(below) < k <= bin(above) */
+        guess = guess < low ? low : guess > high ? high : guess;
+        if (float_bin(key_float(guess), r, bins, 0) >= k) {
+            above = guess;
+            for (int64_t step = 1;; step *= 2) {
+                below = above - step;
+                if (below < low) {
+                    below = low - 1;
+                    break;
+                }
+                if (float_bin(key_float(below), r, bins, 0) < k) break;
+                above = below;
+            }
+        } else {
+            below = guess;
+            for (int64_t step = 1;; step *= 2) {
+                above = below + step;
+                if (above > high) {
+                    above = high + 1;
+                    break;
+                }
+                if (float_bin(key_float(above), r, bins, 0) >= k) break;
+                below = above;
+            }
+        }
+        while (above - below > 1) {
+            int64_t middle = below + (above - below) / 2;
+            if (float_bin(key_float(middle), r, bins, 0) >= k) above = middle;
+            else below = middle;
+        }
+        first[k] = above;
+    }
+}
+
+/* layer_bin[s]: the layer bin of path cell s, for the cells of values inside both ranges (others: -1), from
+   the thresholds of bin_thresholds (layer_first of the layer range a, total_first of the total range b). */
+static void path_bins(const Range *a, const Range *b, int32_t bins, const int64_t *layer_first,
+                      const int64_t *total_first, int8_t *layer_bin) {
+    memset(layer_bin, -1, PATH_CELLS - 1);
+    int64_t key = float_key(a->lo > b->lo ? a->lo : b->lo), end = float_key(a->hi < b->hi ? a->hi : b->hi);
+    int32_t i = 0, j = 0;  /* thresholds passed: the bins at key */
+    while (key <= end) {
+        while (i + 1 < bins && layer_first[i + 1] <= key) i++;
+        while (j + 1 < bins && total_first[j + 1] <= key) j++;
+        layer_bin[i + j] = (int8_t)i;
+        int64_t next = i + 1 < bins ? layer_first[i + 1] : INT64_MAX;
+        key = j + 1 < bins && total_first[j + 1] < next ? total_first[j + 1] : next;
+    }
+}
+
+/* float_bin of a value inside r (divide unset), without the range test and the lower clamp: its quotient is
+   then at least 0, or for a subnormal numerator above -1, which truncates to 0 as well. */
+INLINE int32_t inner_bin(float value, const Range *r) {
+    float position = quotient(fmaf(value, r->scale, -r->scaled_lo) * r->bins, r, 0);
+    position = position < r->last ? position : r->last;
+    return (int32_t)position;
+}
+
+/* The path cell of value over ranges a and b (divide unset, their intersection [lower, upper] not empty) if
+   it is inside both, else PATH_OUTSIDE: value is clamped into both (NaN to lower) before it is binned. */
+INLINE int32_t path_cell(float value, const Range *a, const Range *b, float lower, float upper) {
+    float inside = value > lower ? value : lower;
+    inside = inside < upper ? inside : upper;
+    int32_t cell = inner_bin(inside, a) + inner_bin(inside, b);
+    return inside == value ? cell : PATH_OUTSIDE;
+}
+
+/* cell[i] = the path cell of float32 x[i] over ranges a and b (as in path_cell). Returns 1 when every value
+   is inside both ranges, else 0 (then the caller counts the block otherwise). */
+static int path_cells(const float *restrict x, int64_t n, const Range *a, const Range *b,
+                      uint16_t *restrict cell) {
+    Range layer_range = *a, total_range = *b;
+    float lower = a->lo > b->lo ? a->lo : b->lo, upper = a->hi < b->hi ? a->hi : b->hi;
+    int32_t outside = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int32_t s = path_cell(x[i], &layer_range, &total_range, lower, upper);
+        outside += s == PATH_OUTSIDE;  /* a sum, which the compiler vectorizes */
+        cell[i] = (uint16_t)s;
+    }
+    return !outside;
+}
+
+/* table[h] = path_cell of each bfloat16 bit pattern h over ranges a and b: bfloat16 blocks are counted by
+   looking their cells up. */
+static void bf16_path_table(const Range *a, const Range *b, uint16_t *restrict table) {
+    Range layer_range = *a, total_range = *b;
+    float lower = a->lo > b->lo ? a->lo : b->lo, upper = a->hi < b->hi ? a->hi : b->hi;
+    for (int32_t h = 0; h < BF16_PATTERNS; h++)
+        table[h] = (uint16_t)path_cell(bf16_float((uint16_t)h), &layer_range, &total_range, lower, upper);
+}
+
+/* Counts the cells table[x[i]] of bfloat16 x[0:n] as count_path does. Returns 1 when every value is inside
+   both ranges, else 0 (the values outside are then counted in cell PATH_OUTSIDE, which flush_path skips). */
+static int count_bf16_path(const uint16_t *x, int64_t n, const uint16_t *table, uint32_t *tables) {
+    uint32_t outside = 0;
+    for (int c = 0; c < PATH_COPIES; c++) outside -= tables[c * PATH_CELLS + PATH_OUTSIDE];
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        uint64_t four;
+        memcpy(&four, x + i, sizeof four);  /* little-endian: x[i] in the low 16 bits */
+        for (int c = 0; c < 4; c++) tables[c % PATH_COPIES * PATH_CELLS + table[four >> 16 * c & 0xffff]]++;
+    }
+    for (; i < n; i++) tables[table[x[i]]]++;
+    for (int c = 0; c < PATH_COPIES; c++) outside += tables[c * PATH_CELLS + PATH_OUTSIDE];
+    return outside == 0;
+}
+
+/* Counts cell[0:n] into tables[c * PATH_CELLS + cell], cell i in copy c = i % PATH_COPIES (four cells read at
+   once). */
+static void count_path(const uint16_t *cell, int64_t n, uint32_t *tables) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        uint64_t four;
+        memcpy(&four, cell + i, sizeof four);  /* little-endian: cell[i] in the low 16 bits */
+        for (int c = 0; c < 4; c++) tables[c % PATH_COPIES * PATH_CELLS + (four >> 16 * c & 0xffff)]++;
+    }
+    for (; i < n; i++) tables[cell[i]]++;
+}
+
+/* Adds the path counts to the layer's bins hist[0:bins] and the total bins total[0:bins] through layer_bin
+   (path_bins), clears them. */
+static void flush_path(uint32_t *tables, const int8_t *layer_bin, int64_t *hist, int64_t *total) {
+    for (int32_t s = 0; s < PATH_CELLS - 1; s++) {
+        int64_t count = 0;
+        for (int c = 0; c < PATH_COPIES; c++) count += tables[c * PATH_CELLS + s];
+        if (count == 0) continue;
+        hist[layer_bin[s]] += count;
+        total[s - layer_bin[s]] += count;
+    }
+    memset(tables, 0, sizeof *tables * PATH_COPIES * PATH_CELLS);
+}
+
 /* Linear histograms of chunks [first, last) (as in fgs_tensor_stats) over each layer's range, added to
    hist[layer * bins + bin], and over ranges[3 * num_layers : 3 * num_layers + 3], added to total[bin].
    The 32-bit counts are flushed into the 64-bit ones when the layer changes and before they could wrap.
@@ -670,20 +852,61 @@ int fgs_linear_hist(int64_t first, int64_t last, const int64_t *addr, const int6
     double buf[BLOCK];
     float fbuf[BLOCK];
     int32_t layer_bin[BLOCK], total_bin[BLOCK];
-    int joint = (int64_t)(bins + 1) * (bins + 1) <= JOINT_CELLS;
-    size_t cells = joint ? (size_t)JOINT_COPIES * (bins + 1) * (bins + 1) : (size_t)2 * COPIES * (bins + 1);
-    uint32_t *counts = calloc(cells, sizeof *counts);
-    if (!counts) return -1;
-    uint32_t *total_counts = joint ? NULL : counts + COPIES * (bins + 1);
+    uint16_t path_cell[BLOCK];
+    int64_t layer_first[PATH_CELLS / 2], total_first[PATH_CELLS / 2];  /* bin_thresholds */
+    int8_t layer_of_cell[PATH_CELLS - 1];                               /* path_bins */
     const float *total_range = ranges + 3 * num_layers;
+    Range total_prepared = prepared(total_range, bins), layer_prepared = total_prepared;
+    int joint = (int64_t)(bins + 1) * (bins + 1) <= JOINT_CELLS;
+    int by_path = joint && bins <= PATH_CELLS / 2 && !total_prepared.divide, layer_by_path = 0;
+    size_t cells = joint ? (size_t)JOINT_COPIES * (bins + 1) * (bins + 1) : (size_t)2 * COPIES * (bins + 1);
+    uint32_t *counts = calloc(cells + (by_path ? PATH_COPIES * PATH_CELLS : 0), sizeof *counts);
+    uint16_t *bf16_cells = by_path ? malloc(sizeof *bf16_cells * BF16_PATTERNS) : NULL;  /* bf16_path_table */
+    if (!counts || (by_path && !bf16_cells)) {
+        free(counts);
+        free(bf16_cells);
+        return -1;
+    }
+    uint32_t *total_counts = joint ? NULL : counts + COPIES * (bins + 1), *path_counts = counts + cells;
+    int bf16_cells_ready = 0;  /* for the current layer */
+    if (by_path) bin_thresholds(&total_prepared, bins, total_first);
     int64_t pending = 0;
     for (int64_t c = first; c < last; c++) {
         const float *range = ranges + 3 * layer[c];
+        if (by_path && (c == first || layer[c] != layer[c - 1])) {
+            layer_prepared = prepared(range, bins);
+            layer_by_path = !layer_prepared.divide && layer_prepared.lo <= total_prepared.hi
+                            && total_prepared.lo <= layer_prepared.hi;  /* the ranges intersect */
+            bf16_cells_ready = 0;
+            if (layer_by_path) {
+                bin_thresholds(&layer_prepared, bins, layer_first);
+                path_bins(&layer_prepared, &total_prepared, bins, layer_first, total_first, layer_of_cell);
+            }
+        }
         for (int64_t start = 0; start < numel[c]; start += BLOCK) {
             int64_t n = min64(numel[c] - start, BLOCK);
             const char *src = element(addr[c], start, dtype[c]);
+            if (layer_by_path && dtype[c] == BF16) {
+                if (!bf16_cells_ready) bf16_path_table(&layer_prepared, &total_prepared, bf16_cells);
+                bf16_cells_ready = 1;
+                const uint16_t *h = (const uint16_t *)src;
+                if (!count_bf16_path(h, n, bf16_cells, path_counts)) {
+                    for (int64_t i = 0; i < n; i++) {  /* the values outside a range, one by one */
+                        if (bf16_cells[h[i]] != PATH_OUTSIDE) continue;
+                        float value = bf16_float(h[i]);
+                        counts[float_bin(value, &layer_prepared, bins, 0) * (bins + 1)
+                               + float_bin(value, &total_prepared, bins, 0)]++;
+                    }
+                }
+                continue;
+            }
             int32_t kind;
             const void *x = dtype[c] == F64 ? NULL : readable(src, dtype[c], n, fbuf, &kind);
+            if (x && kind == F32 && layer_by_path
+                && path_cells(x, n, &layer_prepared, &total_prepared, path_cell)) {
+                count_path(path_cell, n, path_counts);
+                continue;
+            }
             if (x && joint) {
                 joint_cells_float(x, kind, n, range, total_range, bins, layer_bin);
                 count_joint(layer_bin, n, bins, counts);
@@ -707,6 +930,7 @@ int fgs_linear_hist(int64_t first, int64_t last, const int64_t *addr, const int6
         }
         pending += numel[c];
         if (c + 1 == last || layer[c + 1] != layer[c] || pending + numel[c + 1] > (int64_t)FLUSH_AFTER) {
+            if (layer_by_path) flush_path(path_counts, layer_of_cell, hist + layer[c] * bins, total);
             if (joint) {
                 flush_joint(counts, bins, hist + layer[c] * bins, total);
             } else {
@@ -717,6 +941,7 @@ int fgs_linear_hist(int64_t first, int64_t last, const int64_t *addr, const int6
         }
     }
     free(counts);
+    free(bf16_cells);
     return 0;
 }
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import pair_rows, raw_stats
 
-from fastgradstats.backends import native_backend
+from fastgradstats.backends import native_backend, torch_backend
 from fastgradstats.hist import HistSpec
 from fastgradstats.rows import PAIR_K, derive
 
@@ -103,6 +103,55 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch, spec):
         assert torch.equal(several.rows.nan_to_num(), one.rows.nan_to_num())
         assert torch.equal(several.hist, one.hist)
         assert several.total_hist is one.total_hist is None or torch.equal(several.total_hist, one.total_hist)
+
+
+def on_and_beside_bin_edges(lo: float, hi: float, bins: int, dtype: torch.dtype) -> torch.Tensor:
+    """lo, hi, and every bin edge of [lo, hi] in ``dtype`` with its neighbours up to 2 ulps either side."""
+    edges = torch.tensor([lo + (hi - lo) * k / bins for k in range(bins + 1)], dtype=torch.float64).to(dtype)
+    values = [edges]
+    for direction in (math.inf, -math.inf):
+        step = edges
+        for _ in range(2):
+            step = torch.nextafter(step.float(), torch.tensor(direction)).to(dtype)
+            values.append(step)
+    return torch.cat(values).clamp(lo, hi)
+
+
+@pytest.mark.parametrize("bins", [1, 7, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_linear_hist_of_values_on_both_ranges_bin_edges_equals_the_torch_backend(dtype, bins):
+    # Layers of other scales than the total range: each value is binned over two different grids, on and
+    # beside the edges of both (path counting, native_stats.c).
+    generator = torch.Generator().manual_seed(6)
+    bounds = [(-1.0, 2.0), (-0.3, 0.05), (0.5, 7.0), (-1e-3, 1e-3)]
+    lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
+    tensors = []
+    for layer_lo, layer_hi in bounds:
+        inside = torch.rand(3000, generator=generator, dtype=torch.float64) * (layer_hi - layer_lo) + layer_lo
+        edges = torch.cat([on_and_beside_bin_edges(layer_lo, layer_hi, bins, dtype),
+                           on_and_beside_bin_edges(lo, hi, bins, dtype)])
+        layer = torch.cat([inside.to(dtype), edges[(edges >= layer_lo) & (edges <= layer_hi)]])
+        tensors.append(layer[torch.randperm(len(layer), generator=generator)])
+    spec = HistSpec.make("linear", bins=bins)
+    got = raw_stats("native", tensors, spec)
+    want = raw_stats("torch", tensors, spec)
+    assert torch.equal(got.hist, want.hist)
+    assert torch.equal(got.total_hist, want.total_hist)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_hist_counts_values_outside_either_range(dtype):
+    # Ranges narrower than the data, and NaN and Inf: blocks with values outside a range are counted one by
+    # one beside those counted by path cell.
+    generator = torch.Generator().manual_seed(7)
+    tensors = [torch.randn(5000, generator=generator).to(dtype) for _ in range(3)]
+    tensors[1][[5, 2047, 4000]] = torch.tensor([NAN, INF, -INF], dtype=dtype)
+    ranges = torch.tensor([[-1.0, 1.0, 1.0], [-0.5, 3.0, 1.0], [2.0, 5.0, 1.0], [-2.0, 0.25, 1.0]])
+    spec = HistSpec.make("linear", bins=64)
+    got = native_backend.linear_hist(tensors, spec, ranges)
+    want = torch_backend.linear_hist(tensors, spec, ranges)
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
