@@ -11,7 +11,9 @@
    deviation whose square would over- or underflow float32) is summed again on the float64 path. float64
    chunks take the float64 path: BLOCK elements at a time, in LANES float64 lanes. Either way squares are
    taken of deviations from a shift near the chunk's mean (the mean of its first block), so M2 keeps its
-   precision when |mean| ≫ std.
+   precision when |mean| ≫ std. Where the CPU has bfloat16 dot products (AVX512_BF16), bfloat16 chunks are
+   first summed around 0 by them (bf16_dot_moments), and again around such a shift only when their mean
+   dominates (Σx² - (Σx)²/n < Σx²/2).
 
    Histogram counts are taken per element in 32-bit counters and added into the 64-bit counts of a layer when
    the next chunk belongs to another layer, when they could wrap, and at the end. Every histogram bin index
@@ -327,6 +329,97 @@ static int bf16_moments(const uint16_t *restrict x, int64_t n, float center, dou
     return 1;
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+enum { BF16_DOTS = 1 };  /* bf16_dot_moments is compiled in */
+
+/* bf16_moments with no shift (center 0), the sums taken by bfloat16 dot products: Σx, Σx² and Σ|x| of 32
+   values per instruction (VDPBF16PS: x·1, x·x, |x|·1 in pairs, accumulated in float32, with bfloat16 and
+   float32 subnormals read and written as 0), 4 accumulators each; zeros, minimum and maximum as in
+   bf16_moments. Kept under bf16_moments' conditions with center 0 (a subnormal's weight, below 2^-126 in each
+   sum, is then negligible); returns 0 otherwise. */
+typedef struct {
+    __m512 sum, sumsq, abssum;
+} DotSums;
+
+typedef struct {
+    __m512i zeros, lo, hi;  /* 16-bit lanes */
+} KeyLanes;
+
+/* Adds the 32 bfloat16 values of h (lanes outside `in` are 0) to one set of accumulators. */
+INLINE void add_dots(DotSums *d, KeyLanes *keys, __m512i h, __mmask32 in) {
+    const __m512i magnitude = _mm512_set1_epi16(0x7fff);
+    const __m512bh one = (__m512bh)_mm512_set1_epi16(0x3f80);  /* bfloat16 1.0 */
+    d->sum = _mm512_dpbf16_ps(d->sum, (__m512bh)h, one);
+    d->sumsq = _mm512_dpbf16_ps(d->sumsq, (__m512bh)h, (__m512bh)h);
+    d->abssum = _mm512_dpbf16_ps(d->abssum, (__m512bh)_mm512_and_si512(h, magnitude), one);
+    keys->zeros = _mm512_mask_sub_epi16(keys->zeros, in & _mm512_testn_epi16_mask(h, magnitude), keys->zeros,
+                                        _mm512_set1_epi16(-1));
+    __m512i key = _mm512_ternarylogic_epi32(h, _mm512_srai_epi16(h, 15), magnitude, 0x78);  /* bf16_key */
+    keys->lo = _mm512_mask_min_epi16(keys->lo, in, keys->lo, key);
+    keys->hi = _mm512_mask_max_epi16(keys->hi, in, keys->hi, key);
+}
+
+/* The sum of the 64 float32 lanes of a, b, c, d, in float64. */
+static double dot_lane_sum(__m512 a, __m512 b, __m512 c, __m512 d) {
+    __m512d wide = _mm512_setzero_pd();
+    __m512 parts[4] = {a, b, c, d};
+    for (int k = 0; k < 4; k++) {
+        wide = _mm512_add_pd(wide, _mm512_cvtps_pd(_mm512_castps512_ps256(parts[k])));
+        wide = _mm512_add_pd(wide, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(
+            _mm512_castps_pd(parts[k]), 1))));
+    }
+    return _mm512_reduce_add_pd(wide);
+}
+
+/* bf16_moments with no shift (center 0), the sums taken by bfloat16 dot products: Σx, Σx² and Σ|x| of 32
+   values per instruction (VDPBF16PS: x·1, x·x, |x|·1 in pairs, accumulated in float32, with bfloat16 and
+   float32 subnormals read and written as 0) into 4 sets of accumulators; zeros, minimum and maximum as in
+   bf16_moments. Kept under bf16_moments' conditions with center 0 (a subnormal's weight, below 2^-126 in each
+   sum, is then negligible); returns 0 otherwise. */
+static int bf16_dot_moments(const uint16_t *restrict x, int64_t n, double *restrict row) {
+    DotSums d[4];
+    for (int k = 0; k < 4; k++) d[k].sum = d[k].sumsq = d[k].abssum = _mm512_setzero_ps();
+    KeyLanes keys = {_mm512_setzero_si512(), _mm512_set1_epi16(INT16_MAX), _mm512_set1_epi16(INT16_MIN)};
+    const __mmask32 all = (__mmask32)0xffffffffu;
+    int64_t i = 0;
+    for (; i + 128 <= n; i += 128)
+        for (int k = 0; k < 4; k++) add_dots(&d[k], &keys, _mm512_loadu_si512(x + i + 32 * k), all);
+    for (; i < n; i += 32) {
+        __mmask32 in = n - i >= 32 ? all : (__mmask32)((1u << (n - i)) - 1);
+        add_dots(&d[0], &keys, _mm512_maskz_loadu_epi16(in, x + i), in);
+    }
+    int16_t zero_lanes[32], lo_lanes[32], hi_lanes[32];
+    _mm512_storeu_si512(zero_lanes, keys.zeros);
+    _mm512_storeu_si512(lo_lanes, keys.lo);
+    _mm512_storeu_si512(hi_lanes, keys.hi);
+    int64_t zero_count = 0;
+    int16_t lo_key = INT16_MAX, hi_key = INT16_MIN;
+    for (int j = 0; j < 32; j++) {
+        zero_count += zero_lanes[j];
+        lo_key = lo_lanes[j] < lo_key ? lo_lanes[j] : lo_key;
+        hi_key = hi_lanes[j] > hi_key ? hi_lanes[j] : hi_key;
+    }
+    double abssum = dot_lane_sum(d[0].abssum, d[1].abssum, d[2].abssum, d[3].abssum);
+    float low = bf16_float((uint16_t)bf16_key((uint16_t)lo_key));
+    float high = bf16_float((uint16_t)bf16_key((uint16_t)hi_key));
+    double deviation = max2(high, -(double)low);
+    if (!isfinite(abssum) || !(deviation == 0.0 || (deviation >= 0x1p-40 && deviation <= 0x1p40))) return 0;
+    row[SUM] += dot_lane_sum(d[0].sum, d[1].sum, d[2].sum, d[3].sum);
+    row[M2] += dot_lane_sum(d[0].sumsq, d[1].sumsq, d[2].sumsq, d[3].sumsq);
+    row[ABSSUM] += abssum;
+    row[ZEROS] += (double)zero_count;
+    row[MAX] = max2(row[MAX], high);
+    row[NEG_MIN] = max2(row[NEG_MIN], -low);
+    return 1;
+}
+#else
+enum { BF16_DOTS = 0 };
+static int bf16_dot_moments(const uint16_t *x, int64_t n, double *row) {
+    (void)x, (void)n, (void)row;
+    return 0;  /* never called: BF16_DOTS is 0 */
+}
+#endif
+
 /* float_moments of x of kind F32 or BF16. */
 static int add_float_moments(const void *x, int32_t kind, int64_t n, float center, double *row) {
     return kind == F32 ? float_moments(x, F32, n, center, row) : bf16_moments(x, n, center, row);
@@ -583,6 +676,31 @@ static void flush_fields(FieldCounts *counts, int64_t zeros, int32_t min_exp, in
 
 /* ---------------------------------------------------------------------------------------- tensor stats */
 
+static void clear_row(double *row) {
+    for (int f = 0; f < K; f++) row[f] = f < MAX ? 0.0 : -INFINITY;
+}
+
+/* Adds the moments of block x[0:n] of kind F32 or BF16 around shift to row: in float32 lanes when they are
+   precise enough (float_moments), else on the float64 path (buf: its scratch). */
+static void add_block_moments(const void *x, int32_t kind, int64_t n, float shift, double *row, double *buf) {
+    if (!add_float_moments(x, kind, n, shift, row)) add_moments(as_double(x, kind, n, buf), n, shift, row);
+}
+
+/* Adds the moments of a float32, bfloat16 or float16 chunk to row, around the mean of its first elements
+   (float_block_mean), which it returns. */
+static float shifted_moments(const char *src, int32_t dtype, int64_t numel, float *fbuf, double *buf,
+                             double *row) {
+    float shift = 0.0f;
+    for (int64_t start = 0; start < numel; start += FBLOCK) {
+        int64_t n = min64(numel - start, FBLOCK);
+        int32_t kind;
+        const void *x = readable(src + start * itemsize(dtype), dtype, n, fbuf, &kind);
+        if (start == 0) shift = float_block_mean(x, kind, n);
+        add_block_moments(x, kind, n, shift, row, buf);
+    }
+    return shift;
+}
+
 /* Sums a float64 chunk (addr, numel) into row on the float64 path; histogram counts as in fgs_tensor_stats.
    Returns the shift. */
 static double double_chunk(const double *x_all, int64_t numel, double *row, int32_t hist_kind, int32_t bins,
@@ -628,7 +746,7 @@ int fgs_tensor_stats(int64_t first, int64_t last, const int64_t *addr, const int
     int64_t pending = 0, pending_zeros = 0;  /* elements and zeros in field_counts */
     for (int64_t c = first; c < last; c++) {
         double *row = rows + c * K;
-        for (int f = 0; f < K; f++) row[f] = f < MAX ? 0.0 : -INFINITY;
+        clear_row(row);
         const float *range = hist_kind == HIST_LINEAR ? ranges + 3 * layer[c] : NULL;
         double center = 0.0;
         if (dtype[c] == F64) {
@@ -636,19 +754,28 @@ int fgs_tensor_stats(int64_t first, int64_t last, const int64_t *addr, const int
                                   min_exp, range, counts, bin);
         } else {
             float shift = 0.0f;
+            int unshifted = BF16_DOTS && dtype[c] == BF16;  /* summed by bf16_dot_moments, center 0 */
             for (int64_t start = 0; start < numel[c]; start += FBLOCK) {
                 int64_t n = min64(numel[c] - start, FBLOCK);
                 int32_t kind;
                 const void *x = readable(element(addr[c], start, dtype[c]), dtype[c], n, fbuf, &kind);
-                if (start == 0) shift = float_block_mean(x, kind, n);
-                if (!add_float_moments(x, kind, n, shift, row))
-                    add_moments(as_double(x, kind, n, buf), n, shift, row);
+                if (unshifted) {
+                    if (!bf16_dot_moments(x, n, row)) add_moments(as_double(x, kind, n, buf), n, 0.0, row);
+                } else {
+                    if (start == 0) shift = float_block_mean(x, kind, n);
+                    add_block_moments(x, kind, n, shift, row, buf);
+                }
                 if (hist_kind == HIST_LOG2) {
                     count_fields(x, kind, n, field_counts);
                 } else if (hist_kind == HIST_LINEAR) {
                     linear_bins_float(x, kind, n, range, bins, bin);
                     count_bins(bin, n, bins, counts);
                 }
+            }
+            if (unshifted && 2.0 * row[SUM] * row[SUM] > row[M2] * (double)numel[c]) {
+                /* Σx² - (Σx)²/n would cancel more than half of Σx²: the moments again, from a shift */
+                clear_row(row);
+                shift = shifted_moments(element(addr[c], 0, dtype[c]), dtype[c], numel[c], fbuf, buf, row);
             }
             center = shift;
             if (hist_kind == HIST_LOG2) {

@@ -14,6 +14,7 @@ import time
 
 import helpers
 import numpy as np
+import oracle
 import pytest
 import torch
 from helpers import pair_rows, raw_stats
@@ -103,6 +104,20 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch, spec):
         assert torch.equal(several.rows.nan_to_num(), one.rows.nan_to_num())
         assert torch.equal(several.hist, one.hist)
         assert several.total_hist is one.total_hist is None or torch.equal(several.total_hist, one.total_hist)
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0, -200.0])
+def test_bfloat16_moments_are_accurate_whatever_the_mean(offset):
+    # bfloat16 chunks are summed around 0 by dot products, and again around a shift when their mean dominates.
+    generator = torch.Generator().manual_seed(8)
+    x = (offset + 0.05 * (1 + abs(offset)) * torch.randn(70001, generator=generator)).to(torch.bfloat16)
+    x[[3, 5000]] = 0.0
+    rows = raw_stats("native", [x, x[:2047]]).rows
+    for got, part in zip(derive(rows)["std"], (x, x[:2047])):
+        assert abs(got.item() - oracle.stats(oracle.values(part))["std"]) <= 1e-6 * got.item()
+    want = oracle.stats(oracle.values(x))
+    assert abs(rows[0, 1].item() - want["sum"]) <= 1e-6 * want["l1"]
+    assert derive(rows)["zeros"][0].item() == want["zeros"]
 
 
 def on_and_beside_bin_edges(lo: float, hi: float, bins: int, dtype: torch.dtype) -> torch.Tensor:
