@@ -613,19 +613,30 @@ typedef struct {
     Words sums[FIELDS];
 } FieldCounts;
 
-/* Adds to sums[value] the 8-byte sums of how many of the count * 64 bytes of fields equal value
-   (count <= 255). */
-static inline void count_equal(const Bytes *fields, int64_t count, uint8_t value, Words *sums) {
+/* Adds to sums[first + j], for j < values (1 to 4), the 8-byte sums of how many of the count * 64 bytes of
+   fields equal first + j (count <= 255): four values per pass over the fields, in four independent chains. */
+static inline void count_equal(const Bytes *fields, int64_t count, int32_t first, int32_t values,
+                               Words *sums) {
 #if defined(__AVX512BW__)
-    /* a compare into a mask and an add under it: two instructions per 64 fields */
-    __m512i target = _mm512_set1_epi8((char)value), one = _mm512_set1_epi8(1), hits = _mm512_setzero_si512();
-    for (int64_t k = 0; k < count; k++)
-        hits = _mm512_mask_add_epi8(hits, _mm512_cmpeq_epi8_mask((__m512i)fields[k], target), hits, one);
-    sums[value] += byte_sums((Bytes)hits);
+    /* a compare into a mask and an add under it: two instructions per 64 fields and value */
+    __m512i target[4], hits[4], one = _mm512_set1_epi8(1);
+    for (int j = 0; j < 4; j++) {
+        target[j] = _mm512_set1_epi8((char)(uint8_t)(first + (j < values ? j : 0)));
+        hits[j] = _mm512_setzero_si512();
+    }
+    for (int64_t k = 0; k < count; k++) {
+        for (int j = 0; j < 4; j++) {
+            __mmask64 equal = _mm512_cmpeq_epi8_mask((__m512i)fields[k], target[j]);
+            hits[j] = _mm512_mask_add_epi8(hits[j], equal, hits[j], one);
+        }
+    }
+    for (int j = 0; j < values; j++) sums[first + j] += byte_sums((Bytes)hits[j]);
 #else
-    Bytes hits = {0};
-    for (int64_t k = 0; k < count; k++) hits -= (Bytes)(fields[k] == value);  /* == gives -1 or 0 */
-    sums[value] += byte_sums(hits);
+    Bytes hits[4] = {{0}};
+    for (int64_t k = 0; k < count; k++)
+        for (int j = 0; j < 4; j++)
+            hits[j] -= (Bytes)(fields[k] == (uint8_t)(first + (j < values ? j : 0)));  /* == gives -1 or 0 */
+    for (int j = 0; j < values; j++) sums[first + j] += byte_sums(hits[j]);
 #endif
 }
 
@@ -651,8 +662,9 @@ INLINE void fields_of(const void *restrict x, int32_t kind, int64_t n, FieldCoun
         return;
     }
     const Bytes *fields = (const Bytes *)field;
-    count_equal(fields, FBLOCK / 64, 0, counts->sums);
-    for (int32_t f = first; f <= last; f++) count_equal(fields, FBLOCK / 64, (uint8_t)f, counts->sums);
+    count_equal(fields, FBLOCK / 64, 0, 1, counts->sums);
+    for (int32_t f = first; f <= last; f += 4)
+        count_equal(fields, FBLOCK / 64, f, last - f + 1 < 4 ? last - f + 1 : 4, counts->sums);
 }
 
 static void count_fields(const void *x, int32_t kind, int64_t n, FieldCounts *counts) {
@@ -814,7 +826,7 @@ int fgs_tensor_stats(int64_t first, int64_t last, const int64_t *addr, const int
    determines both bins (path_bins). Blocks whose values are all inside both ranges are counted by path cell:
    one increment per value into PATH_COPIES interleaved tables of PATH_CELLS counts, which stay in L1. */
 
-enum { PATH_CELLS = 128, PATH_OUTSIDE = 127, PATH_COPIES = 4 };  /* bins <= 64: s <= 126 */
+enum { PATH_CELLS = 128, PATH_OUTSIDE = 127, PATH_COPIES = 8 };  /* bins <= 64: s <= 126; copies: 4k */
 enum { BF16_PATTERNS = 1 << 16 };
 
 /* float32 values in the order of integers: a < b iff key(a) < key(b) (-0 and +0 are both 0); finite x. */
@@ -920,38 +932,47 @@ static int path_cells(const float *restrict x, int64_t n, const Range *a, const 
 }
 
 /* table[h] = path_cell of each bfloat16 bit pattern h over ranges a and b: bfloat16 blocks are counted by
-   looking their cells up. */
-static void bf16_path_table(const Range *a, const Range *b, uint16_t *restrict table) {
+   looking their cells up. Computed BLOCK patterns at a time as 16-bit cells (a loop the compiler vectorizes,
+   which it does not when the loop stores bytes), then narrowed. */
+static void bf16_path_table(const Range *a, const Range *b, uint8_t *restrict table) {
     Range layer_range = *a, total_range = *b;
     float lower = a->lo > b->lo ? a->lo : b->lo, upper = a->hi < b->hi ? a->hi : b->hi;
-    for (int32_t h = 0; h < BF16_PATTERNS; h++)
-        table[h] = (uint16_t)path_cell(bf16_float((uint16_t)h), &layer_range, &total_range, lower, upper);
+    uint16_t cell[BLOCK];
+    for (int32_t start = 0; start < BF16_PATTERNS; start += BLOCK) {
+        for (int32_t i = 0; i < BLOCK; i++) {
+            float value = bf16_float((uint16_t)(start + i));
+            cell[i] = (uint16_t)path_cell(value, &layer_range, &total_range, lower, upper);
+        }
+        for (int32_t i = 0; i < BLOCK; i++) table[start + i] = (uint8_t)cell[i];
+    }
 }
 
 /* Counts the cells table[x[i]] of bfloat16 x[0:n] as count_path does. Returns 1 when every value is inside
    both ranges, else 0 (the values outside are then counted in cell PATH_OUTSIDE, which flush_path skips). */
-static int count_bf16_path(const uint16_t *x, int64_t n, const uint16_t *table, uint32_t *tables) {
+static int count_bf16_path(const uint16_t *x, int64_t n, const uint8_t *table, uint32_t *tables) {
     uint32_t outside = 0;
     for (int c = 0; c < PATH_COPIES; c++) outside -= tables[c * PATH_CELLS + PATH_OUTSIDE];
     int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        uint64_t four;
-        memcpy(&four, x + i, sizeof four);  /* little-endian: x[i] in the low 16 bits */
-        for (int c = 0; c < 4; c++) tables[c % PATH_COPIES * PATH_CELLS + table[four >> 16 * c & 0xffff]]++;
+    for (; i + PATH_COPIES <= n; i += PATH_COPIES) {
+        uint64_t words[PATH_COPIES / 4];
+        memcpy(words, x + i, sizeof words);  /* little-endian: x[i + c] at bit 16 (c % 4) of words[c / 4] */
+        for (int c = 0; c < PATH_COPIES; c++)
+            tables[c * PATH_CELLS + table[words[c / 4] >> 16 * (c % 4) & 0xffff]]++;
     }
     for (; i < n; i++) tables[table[x[i]]]++;
     for (int c = 0; c < PATH_COPIES; c++) outside += tables[c * PATH_CELLS + PATH_OUTSIDE];
     return outside == 0;
 }
 
-/* Counts cell[0:n] into tables[c * PATH_CELLS + cell], cell i in copy c = i % PATH_COPIES (four cells read at
-   once). */
+/* Counts cell[0:n] into tables[c * PATH_CELLS + cell], cell i in copy c = i % PATH_COPIES (read four at a
+   time). */
 static void count_path(const uint16_t *cell, int64_t n, uint32_t *tables) {
     int64_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        uint64_t four;
-        memcpy(&four, cell + i, sizeof four);  /* little-endian: cell[i] in the low 16 bits */
-        for (int c = 0; c < 4; c++) tables[c % PATH_COPIES * PATH_CELLS + (four >> 16 * c & 0xffff)]++;
+    for (; i + PATH_COPIES <= n; i += PATH_COPIES) {
+        uint64_t words[PATH_COPIES / 4];
+        memcpy(words, cell + i, sizeof words);  /* as in count_bf16_path */
+        for (int c = 0; c < PATH_COPIES; c++)
+            tables[c * PATH_CELLS + (words[c / 4] >> 16 * (c % 4) & 0xffff)]++;
     }
     for (; i < n; i++) tables[cell[i]]++;
 }
@@ -988,7 +1009,7 @@ int fgs_linear_hist(int64_t first, int64_t last, const int64_t *addr, const int6
     int by_path = joint && bins <= PATH_CELLS / 2 && !total_prepared.divide, layer_by_path = 0;
     size_t cells = joint ? (size_t)JOINT_COPIES * (bins + 1) * (bins + 1) : (size_t)2 * COPIES * (bins + 1);
     uint32_t *counts = calloc(cells + (by_path ? PATH_COPIES * PATH_CELLS : 0), sizeof *counts);
-    uint16_t *bf16_cells = by_path ? malloc(sizeof *bf16_cells * BF16_PATTERNS) : NULL;  /* bf16_path_table */
+    uint8_t *bf16_cells = by_path ? malloc(sizeof *bf16_cells * BF16_PATTERNS) : NULL;  /* bf16_path_table */
     if (!counts || (by_path && !bf16_cells)) {
         free(counts);
         free(bf16_cells);
