@@ -932,18 +932,27 @@ static int path_cells(const float *restrict x, int64_t n, const Range *a, const 
 }
 
 /* table[h] = path_cell of each bfloat16 bit pattern h over ranges a and b: bfloat16 blocks are counted by
-   looking their cells up. Computed BLOCK patterns at a time as 16-bit cells (a loop the compiler vectorizes,
-   which it does not when the loop stores bytes), then narrowed. */
+   looking their cells up. Only the patterns of either sign whose magnitude is at most max(|lower|, |upper|)
+   can be inside; their cells are computed BLOCK patterns at a time as 16-bit cells (a loop the compiler
+   vectorizes, which it does not when the loop stores bytes), then narrowed; all others are PATH_OUTSIDE. */
 static void bf16_path_table(const Range *a, const Range *b, uint8_t *restrict table) {
     Range layer_range = *a, total_range = *b;
     float lower = a->lo > b->lo ? a->lo : b->lo, upper = a->hi < b->hi ? a->hi : b->hi;
+    float largest = fabsf(lower) > fabsf(upper) ? fabsf(lower) : fabsf(upper);
+    uint32_t largest_bits;
+    memcpy(&largest_bits, &largest, sizeof largest_bits);
+    int32_t magnitudes = (int32_t)(largest_bits >> 16) + 1;  /* patterns 0 ... largest rounded down to bf16 */
+    memset(table, PATH_OUTSIDE, BF16_PATTERNS);
     uint16_t cell[BLOCK];
-    for (int32_t start = 0; start < BF16_PATTERNS; start += BLOCK) {
-        for (int32_t i = 0; i < BLOCK; i++) {
-            float value = bf16_float((uint16_t)(start + i));
-            cell[i] = (uint16_t)path_cell(value, &layer_range, &total_range, lower, upper);
+    for (int32_t sign = 0; sign < BF16_PATTERNS; sign += BF16_PATTERNS / 2) {
+        for (int32_t start = 0; start < magnitudes; start += BLOCK) {
+            int32_t n = magnitudes - start < BLOCK ? magnitudes - start : BLOCK;
+            for (int32_t i = 0; i < n; i++) {
+                float value = bf16_float((uint16_t)(sign + start + i));
+                cell[i] = (uint16_t)path_cell(value, &layer_range, &total_range, lower, upper);
+            }
+            for (int32_t i = 0; i < n; i++) table[sign + start + i] = (uint8_t)cell[i];
         }
-        for (int32_t i = 0; i < BLOCK; i++) table[start + i] = (uint8_t)cell[i];
     }
 }
 
