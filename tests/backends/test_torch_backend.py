@@ -396,6 +396,27 @@ def test_std_accurate_when_mean_dominates(backend, offset):
         assert abs(stats.mean[0].item() - want["mean"]) <= RTOL * want["mean"]
 
 
+def test_std_across_chunks_accurate_when_mean_dominates_by_1e7():
+    # chunk means must be exact to ~std for Chan's merge: a float32 mean alone would be off by 1e4·6e-8 ≫ std
+    generator = torch.Generator().manual_seed(2)
+    x = 1e4 + 1e-3 * torch.randn(100_003, generator=generator)
+    want = oracle.stats(oracle.values(x))["std"]
+    stats = TensorStats.from_raw(RAW_STATS["torch"]([x], chunk_size=4096), ["x"], None)
+    assert abs(stats.std[0].item() - want) <= 1e-5 * want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log2_hist_of_a_tensor_counted_in_two_halves_matches_the_oracle(dtype):
+    # more than SPLIT_COUNT elements: their exponent fields are counted in two halves, on two threads
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3 * torch_backend.SPLIT_COUNT + 1, generator=generator, dtype=dtype) * 1e-3
+    x[::5], x[1::97], x[2::89], x[-1] = 0.0, 1e-40, NAN, -INF
+    spec = HistSpec.make("log2")
+    stats = fgs.tensor_stats([x], hist="log2", backend="torch")
+    assert_hists_match_oracle(stats, [x], spec)
+    assert_stats_match_oracle(stats, [x])
+
+
 def _dense_views() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     base = torch.randn(11, 7, 5, generator=generator)
