@@ -332,11 +332,7 @@ static int bf16_moments(const uint16_t *restrict x, int64_t n, float center, dou
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 enum { BF16_DOTS = 1 };  /* bf16_dot_moments is compiled in */
 
-/* bf16_moments with no shift (center 0), the sums taken by bfloat16 dot products: Σx, Σx² and Σ|x| of 32
-   values per instruction (VDPBF16PS: x·1, x·x, |x|·1 in pairs, accumulated in float32, with bfloat16 and
-   float32 subnormals read and written as 0), 4 accumulators each; zeros, minimum and maximum as in
-   bf16_moments. Kept under bf16_moments' conditions with center 0 (a subnormal's weight, below 2^-126 in each
-   sum, is then negligible); returns 0 otherwise. */
+/* Accumulators of bf16_dot_moments. */
 typedef struct {
     __m512 sum, sumsq, abssum;
 } DotSums;
@@ -505,7 +501,9 @@ INLINE float quotient(float numerator, const Range *r, int divide) {
 }
 
 /* linear_bins' bin of a float32 value (spill: bins). An uncounted value's position may be NaN or Inf: the
-   clamps bound it before its conversion, and its bin is the spill bin anyway. */
+   clamps bound it before its conversion, and its bin is the spill bin anyway. x·s - lo·s is one explicit FMA
+   (x·s is exact but for underflow), so that every loop, vectorized or not, rounds it alike: path counting
+   relies on scalar and vector bins being equal. */
 INLINE int32_t float_bin(float value, const Range *r, int32_t bins, int divide) {
     int32_t counted = (value >= r->lo) & (value <= r->hi);  /* false for NaN */
     float position = quotient(fmaf(value, r->scale, -r->scaled_lo) * r->bins, r, divide);
@@ -826,7 +824,7 @@ int fgs_tensor_stats(int64_t first, int64_t last, const int64_t *addr, const int
    determines both bins (path_bins). Blocks whose values are all inside both ranges are counted by path cell:
    one increment per value into PATH_COPIES interleaved tables of PATH_CELLS counts, which stay in L1. */
 
-enum { PATH_CELLS = 128, PATH_OUTSIDE = 127, PATH_COPIES = 8 };  /* bins <= 64: s <= 126; copies: 4k */
+enum { PATH_CELLS = 128, PATH_OUTSIDE = 127, PATH_COPIES = 8 };  /* bins <= 64: s <= 126; copies: 4k, k >= 1 */
 enum { BF16_PATTERNS = 1 << 16 };
 
 /* float32 values in the order of integers: a < b iff key(a) < key(b) (-0 and +0 are both 0); finite x. */
