@@ -1213,3 +1213,52 @@ int fgs_pair_stats(int64_t first, int64_t last, const int64_t *a_addr, const int
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------ chunk ranges */
+
+/* The entry points above over `count` chunk ranges [bounds[i], bounds[i + 1]), range i adding its counts at
+   offset i·stride of each histogram output: in parallel on OpenMP's threads when compiled with -fopenmp, in
+   turn otherwise (fgs_openmp says which). Under torch, which loads libgomp.so.1 first, these are torch's own
+   intra-op threads: the ones that still spin after its last parallel op take the ranges at once, where
+   threads of our own would compete with them for the cores. Return 0, or -1 when any range ran out of
+   memory. */
+int fgs_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int fgs_tensor_stats_ranges(int32_t count, const int64_t *bounds, const int64_t *addr, const int64_t *numel,
+                            const int32_t *dtype, const int64_t *layer, double *rows, int32_t hist_kind,
+                            int32_t bins, int32_t min_exp, const float *ranges, int64_t *hist,
+                            int64_t stride) {
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+    for (int32_t i = 0; i < count; i++)
+        failed |= fgs_tensor_stats(bounds[i], bounds[i + 1], addr, numel, dtype, layer, rows, hist_kind, bins,
+                                   min_exp, ranges, hist + i * stride);
+    return failed;
+}
+
+int fgs_linear_hist_ranges(int32_t count, const int64_t *bounds, const int64_t *addr, const int64_t *numel,
+                           const int32_t *dtype, const int64_t *layer, int32_t bins, const float *ranges,
+                           int64_t num_layers, int64_t *hist, int64_t *total, int64_t hist_stride,
+                           int64_t total_stride) {
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+    for (int32_t i = 0; i < count; i++)
+        failed |= fgs_linear_hist(bounds[i], bounds[i + 1], addr, numel, dtype, layer, bins, ranges, num_layers,
+                                  hist + i * hist_stride, total + i * total_stride);
+    return failed;
+}
+
+int fgs_pair_stats_ranges(int32_t count, const int64_t *bounds, const int64_t *a_addr, const int64_t *b_addr,
+                          const int64_t *o_addr, const int32_t *dtypes, const int64_t *numel, double *rows) {
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+    for (int32_t i = 0; i < count; i++)
+        failed |= fgs_pair_stats(bounds[i], bounds[i + 1], a_addr, b_addr, o_addr, dtypes, numel, rows);
+    return failed;
+}

@@ -106,6 +106,28 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch, spec):
         assert several.total_hist is one.total_hist is None or torch.equal(several.total_hist, one.total_hist)
 
 
+@pytest.mark.usefixtures("many_threads")
+@pytest.mark.parametrize("spec", ["log2", "linear", "linear_range"])
+def test_openmp_and_python_threads_give_the_same_bits(monkeypatch, spec):
+    """The chunk ranges on OpenMP's threads (torch's intra-op pool) and on the Python threads (a forked child,
+    or a compiler without OpenMP) give bit-identical rows and histograms."""
+    native_backend.available()
+    if native_backend._openmp_pid is None:
+        pytest.skip("the native library was built without OpenMP")
+    tensors = layers(torch.float32, specials=True) + layers(torch.bfloat16, specials=False, seed=1)
+    b, origin = [t.flip(0) for t in tensors], [t * 0.5 for t in tensors]
+    openmp = raw_stats("native", tensors, SPECS[spec], chunk_size=1000)
+    openmp_pairs = native_backend.pair_rows(tensors, b, origin, chunk_size=1000)
+    monkeypatch.setattr(native_backend, "_openmp_pid", None)
+    threads = raw_stats("native", tensors, SPECS[spec], chunk_size=1000)
+    assert torch.equal(openmp.rows.view(torch.int64), threads.rows.view(torch.int64))
+    assert torch.equal(openmp.hist, threads.hist)
+    if threads.total_hist is not None:
+        assert torch.equal(openmp.total_hist, threads.total_hist)
+    pairs = native_backend.pair_rows(tensors, b, origin, chunk_size=1000)
+    assert torch.equal(openmp_pairs.view(torch.int64), pairs.view(torch.int64))
+
+
 @pytest.mark.parametrize("offset", [0.0, 3.0, -200.0])
 def test_bfloat16_moments_are_accurate_whatever_the_mean(offset):
     # bfloat16 chunks are summed around 0 by dot products, and again around a shift when their mean dominates.

@@ -114,6 +114,19 @@ def test_a_cc_with_arguments_still_builds(tmp_path):
     assert result["backend"] == "native", result["reason"]
 
 
+@needs_compiler
+def test_a_compiler_without_openmp_builds_without_it(tmp_path):
+    """A compiler that rejects -fopenmp (clang without libomp) still gives the native backend, on Python
+    threads, with no warning; the library built with OpenMP is not kept."""
+    cc = tmp_path / "cc-without-openmp"
+    cc.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexec cc "$@"\n')
+    cc.chmod(0o755)
+    result = probe(tmp_path, CC=str(cc))
+    assert result["backend"] == "native" and result["reason"] == "" and result["warnings"] == []
+    assert result["sums"] == [3.0, 5.0]
+    assert len(list((tmp_path / "cache").glob("native_stats-*.so"))) == 1
+
+
 @pytest.mark.parametrize("mode", [0o770, 0o777])
 def test_a_cache_folder_others_can_write_is_not_used(tmp_path, mode):
     cache = tmp_path / "cache"
