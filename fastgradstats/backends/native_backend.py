@@ -323,18 +323,17 @@ def _run(name: str, ranges: list[tuple[int, int]], args: Sequence,
         strides = [output[0].size for output in outputs]
         failed = getattr(kernels, f"{name}_ranges")(len(ranges), bounds.ctypes.data, *args,
                                                       *(output.ctypes.data for output in outputs), *strides)
-        results = [failed]
     else:
         def call(index: int, first: int, last: int) -> int:
             addresses = (output[index].ctypes.data for output in outputs)
             return getattr(kernels, name)(first, last, *args, *addresses)
 
         if len(ranges) == 1:
-            results = [call(0, *ranges[0])]
+            failed = call(0, *ranges[0])
         else:
             pool = _pool(max(1, min(torch.get_num_threads(), len(ranges))), os.getpid())
-            results = list(pool.map(lambda item: call(item[0], *item[1]), enumerate(ranges)))
-    if any(result != 0 for result in results):
+            failed = any(pool.map(lambda item: call(item[0], *item[1]), enumerate(ranges)))
+    if failed:
         raise MemoryError("fastgradstats native backend: out of memory for its scratch buffers")
 
 
