@@ -41,9 +41,9 @@ def synchronized(fn):
 @pytest.mark.parametrize(("family", "candidate"), CASES, ids=[f"{f}:{c}" for f, c in CASES])
 def test_bench(benchmark, lists, family, candidate):
     a, b = lists
-    num_bytes = WORKLOAD.num_bytes * (2 if family == "pair" else 1)
+    num_bytes = WORKLOAD.num_bytes * bench.LISTS_READ.get(family, 1)
     if candidate == bench.FLOOR:
-        fn = bench.read_floor(num_bytes, WORKLOAD.dtype, DEVICE)
+        fn = bench.read_floor(bench.lists_read(family, a, b))
     elif candidate == bench.OURS:
         fn = functools.partial(bench.ours(family, None), a, b)
     else:

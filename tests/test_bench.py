@@ -1,5 +1,6 @@
 """The benchmark module and the ``fastgradstats bench`` command, on a few small tensors with one repeat."""
 
+import itertools
 import json
 import math
 import os
@@ -62,6 +63,25 @@ def test_floor_fraction_is_floor_time_over_time():
     assert floor.candidate == bench.FLOOR and floor.floor_fraction == 1.0
     for row in rows:
         assert row.floor_fraction == pytest.approx(floor.ms / row.ms)
+
+
+@pytest.mark.parametrize("workload", [SMALL, SMALL_BF16], ids=["fp32", "bf16"])
+def test_workload_tensors_are_aligned_views_of_the_buffer_the_floor_reads(workload, monkeypatch):
+    tensors = workload.tensors(torch.device(DEVICE))
+    buffer = bench.storage_of(tensors)
+    assert [t.shape for t in tensors] == [torch.Size(shape) for shape in workload.shapes]
+    assert all(t.dtype == workload.dtype and t.is_contiguous() for t in tensors)
+    assert all(t.data_ptr() % 64 == 0 for t in tensors)
+    assert all(t.untyped_storage().data_ptr() == buffer.data_ptr() for t in tensors)
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.nbytes) for t in tensors)
+    assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))  # no two overlap
+    assert buffer.nbytes < workload.num_bytes + 64 * len(tensors)
+    summed = []
+    monkeypatch.setattr(torch, "sum", lambda t: summed.append(t) or t.new_zeros(()))
+    a, b = tensors, workload.tensors(torch.device(DEVICE), seed=1)
+    bench.read_floor(bench.lists_read("pair", a, b))()
+    assert [t.data_ptr() for t in summed] == [buffer.data_ptr(), bench.storage_of(b).data_ptr()]
+    assert [t.numel() for t in summed] == [buffer.numel()] * 2
 
 
 def test_bytes_are_numel_times_itemsize_of_each_list_read():

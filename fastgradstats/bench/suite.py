@@ -2,12 +2,12 @@
 
 For each workload (a list of tensor shapes filled with ``randn * 1e-3``, the scale of real gradients) and each
 statistic family, it times our call, the baselines people write today and a read floor (one ``torch.sum`` over
-a single buffer of the same bytes), all in the same run. Every row reports the median time, the bytes read
-(Σ numel × itemsize over the lists the family reads), GB/s, the fraction of the read floor (floor time / time)
-and, for our rows, the speedup over each baseline of the family. Every row also has the launches of one call
-(torch ops and Triton kernels, counted by :mod:`fastgradstats.launches`: what a GPU would launch, whatever the
-device) and, on CUDA, its host syncs. Rows are printed as a table and appended as JSON lines to a results
-file. On CUDA, times come from CUDA events around each call.
+the buffer the workload's tensors are views of: the same bytes), all in the same run. Every row reports the
+median time, the bytes read (Σ numel × itemsize over the lists the family reads), GB/s, the fraction of the
+read floor (floor time / time) and, for our rows, the speedup over each baseline of the family. Every row also
+has the launches of one call (torch ops and Triton kernels, counted by :mod:`fastgradstats.launches`: what a
+GPU would launch, whatever the device) and, on CUDA, its host syncs. Rows are printed as a table and appended
+as JSON lines to a results file. On CUDA, times come from CUDA events around each call.
 
     fastgradstats bench                                  # gpt2-small on the CPU; all workloads on CUDA
     fastgradstats bench --workload 7b --family pair --repeats 50
@@ -39,7 +39,7 @@ from fastgradstats.dispatch import resolve_backend
 
 from ..launches import count_launches
 from . import compiled, optim_memory
-from .workloads import DEFAULT_WORKLOADS, GRADIENT_SCALE, WORKLOADS, Workload
+from .workloads import DEFAULT_WORKLOADS, WORKLOADS, Workload, storage_of
 
 DEFAULT_RESULTS = Path("benchmarks/results/results.jsonl")
 LINEAR_BINS = 64
@@ -214,11 +214,16 @@ def free_bytes(device: torch.device) -> int | None:
         return None
 
 
-def read_floor(num_bytes: int, dtype: torch.dtype, device: torch.device) -> Callable[[], torch.Tensor]:
-    """The read-floor call: one ``torch.sum`` over a single buffer of ``num_bytes`` bytes (written here, so
-    that its pages are real memory)."""
-    buffer = torch.empty(num_bytes // dtype.itemsize, dtype=dtype, device=device).fill_(GRADIENT_SCALE)
-    return functools.partial(torch.sum, buffer)
+def read_floor(lists: Sequence[list[torch.Tensor]]) -> Callable[[], None]:
+    """The read-floor call: one ``torch.sum`` over each list's buffer (the workload's tensors are views into
+    one buffer per list: :meth:`Workload.tensors`), so the floor reads the very bytes the candidates read."""
+    buffers = [storage_of(tensors) for tensors in lists]
+
+    def floor() -> None:
+        for buffer in buffers:
+            torch.sum(buffer)
+
+    return floor
 
 
 @dataclass
@@ -252,10 +257,10 @@ class Timings:
         self.candidates.setdefault(key, lambda: fn)
         return key
 
-    def floor(self, num_bytes: int, dtype: torch.dtype) -> str:
-        """Register the read floor of ``num_bytes`` (its buffer made when measured); returns its key."""
-        key = f"{FLOOR} {num_bytes}"
-        self.candidates.setdefault(key, lambda: read_floor(num_bytes, dtype, self.device))
+    def floor(self, lists: Sequence[list[torch.Tensor]]) -> str:
+        """Register the read floor of ``lists`` (one pass over each, in turn); returns its key."""
+        key = f"{FLOOR} {len(lists)}"
+        self.candidates.setdefault(key, lambda: read_floor(lists))
         return key
 
     def measure(self) -> dict[str, Measured]:
@@ -300,12 +305,17 @@ class Timings:
             return False
 
 
+def lists_read(family: str, a: list[torch.Tensor], b: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The lists one call of ``family`` reads, in turn: a; a and b for pairs; a, b, a, b for a trajectory."""
+    return [a if k % 2 == 0 else b for k in range(LISTS_READ.get(family, 1))]
+
+
 def register_family(
     workload: Workload, family: str, a: list[torch.Tensor], b: list[torch.Tensor], timings: Timings,
     backend: str | None,
 ) -> None:
     """Register the candidates of one family: ours, the family's baselines, the read floor of its bytes."""
-    timings.floor(workload.num_bytes * LISTS_READ.get(family, 1), workload.dtype)
+    timings.floor(lists_read(family, a, b))
     timings.time(f"{OURS} {family}", functools.partial(ours(family, backend), a, b))
     for name in FAMILIES[family]:
         timings.time(name, functools.partial(BASELINES[name], a, b))
@@ -315,7 +325,7 @@ def family_rows(workload: Workload, family: str, timings: Timings) -> list[Row]:
     """Rows of one family, once measured: ours (with its speedups), the family's baselines, the read
     floor."""
     num_bytes = workload.num_bytes * LISTS_READ.get(family, 1)
-    floor = timings.measured[timings.floor(num_bytes, workload.dtype)]
+    floor = timings.measured[f"{FLOOR} {LISTS_READ.get(family, 1)}"]
 
     def row(candidate: str, measured: Measured) -> Row:
         ms = measured.ms

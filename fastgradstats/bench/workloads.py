@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 GRADIENT_SCALE = 1e-3
+ALIGNMENT = 64  # bytes: each tensor of a workload starts on a cache line (16-byte GPU loads stay aligned)
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,22 @@ class Workload:
         return self.numel * self.dtype.itemsize
 
     def tensors(self, device: torch.device, seed: int = 0) -> list[torch.Tensor]:
+        """The shapes as views into one flat buffer filled with randn * 1e-3, each starting on a 64-byte
+        boundary (as a DDP gradient bucket or an FSDP flat parameter lays them out), so that the read floor
+        reads the very pages the candidates read (:func:`storage_of`)."""
+        step = ALIGNMENT // self.dtype.itemsize
+        sizes = [math.prod(shape) for shape in self.shapes]
+        starts = [0, *itertools.accumulate(-(-size // step) * step for size in sizes)]
         torch.manual_seed(seed)
-        return [torch.randn(shape, dtype=self.dtype, device=device).mul_(GRADIENT_SCALE)
-                for shape in self.shapes]
+        flat = torch.randn(starts[-1], dtype=self.dtype, device=device).mul_(GRADIENT_SCALE)
+        return [flat[start:start + size].view(shape)
+                for start, size, shape in zip(starts, sizes, self.shapes)]
+
+
+def storage_of(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 1-D tensor over the whole buffer that the views of :meth:`Workload.tensors` share."""
+    first = tensors[0]
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(first.untyped_storage())
 
 
 def gpt2_small_shapes() -> tuple[tuple[int, ...], ...]:
