@@ -15,7 +15,9 @@ Chan's formula into Σx and M2 = Σ(x - mean)², which the row stores, and stage
 way. Variances keep their precision when |mean| ≫ std (LayerNorm weights near 1), and an outlier costs
 precision only in its own row. NaN/Inf counts and the finite extremes come from a second pass over the
 chunk, only when its Σ|x| is not finite. The log2 histogram of 32-bit values counts exponent fields (no
-clamp, no mask per element) and folds them into the clamped bins once per chunk.
+clamp, no mask per element) and folds them into the clamped bins once per chunk. 16-bit rows tally their
+nonzeros as Σ min(|x|, u), u the dtype's least subnormal (a min and an add per element, no compare), and
+full bfloat16 tiles are read as int32 words, each widened to two float32 by a shift and a mask.
 
 float16/bfloat16/float32 are accumulated in float32, float64 in float64 (so values beyond float32's range
 stay finite and the log2 bins come from the float64 exponent, clamped like every other).
@@ -51,6 +53,8 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 
 FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)
+# The smallest magnitude of each 16-bit dtype (its least subnormal), by which they tally nonzeros (_moments).
+NONZERO_UNITS = {torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}
 
 
 @triton.jit
@@ -88,10 +92,11 @@ def _linear_bins(x, valid, lo, hi, scale, BINS: tl.constexpr, WIDE: tl.constexpr
 
 
 @triton.jit
-def _moments(x, valid, shift, sum_d, sum_d2, abs_sum, max_x, min_x, zeros, FULL: tl.constexpr,
-             ZEROS: tl.constexpr):
+def _moments(x, x_loaded, valid, shift, sum_d, sum_d2, abs_sum, max_x, min_x, zero_tally, FULL: tl.constexpr,
+             ZEROS: tl.constexpr, NONZERO_UNIT: tl.constexpr):
     """Fold a tile x [R, V] (lanes where valid is False are ignored unless FULL) into per-row accumulators
-    [R]: Σd, Σd² of d = x - shift (shift [R]), Σ|x|, max, min and, if ZEROS, the zero count."""
+    [R]: Σd, Σd² of d = x - shift (shift [R]), Σ|x|, max, min and, if ZEROS, the zero tally (see
+    :func:`_zero_count`); x_loaded is the tile as loaded (float16: before its upcast to x)."""
     d = x - shift[:, None]
     if FULL:
         abs_x = tl.abs(x)
@@ -109,19 +114,54 @@ def _moments(x, valid, shift, sum_d, sum_d2, abs_sum, max_x, min_x, zeros, FULL:
     abs_sum += tl.sum(abs_x, 1)
     max_x = tl.maximum(max_x, tl.max(hi, 1))
     min_x = tl.minimum(min_x, tl.min(lo, 1))
-    if ZEROS:
+    if ZEROS and NONZERO_UNIT > 0:
+        # min(|x|, u) is u for every nonzero (NaN included) and 0 for zeros and invalid lanes: a min and an
+        # add per element, where x == 0 compiles to a 16-bit compare, a select and an add. On a full float16
+        # tile both run on pairs of float16 (exact: VEC·u is a float16).
+        magnitude = tl.abs(x_loaded) if FULL else abs_x
+        zero_tally += tl.sum(tl.minimum(magnitude, NONZERO_UNIT), 1).to(tl.float32)
+    elif ZEROS:
         # Summed as floats (exact: at most VEC ones): an integer sum compiles to a branchless +1 and a
         # predicated move per element, one instruction more.
-        zeros += tl.sum(tl.where(is_zero, 1.0, 0.0), 1).to(tl.int32)
-    return sum_d, sum_d2, abs_sum, max_x, min_x, zeros
+        zero_tally += tl.sum(tl.where(is_zero, 1.0, 0.0), 1).to(tl.int32)
+    return sum_d, sum_d2, abs_sum, max_x, min_x, zero_tally
+
+
+@triton.jit
+def _zero_count(zero_tally, count, NONZERO_UNIT: tl.constexpr):
+    """The zeros among the count [R] elements of the rows: the tally [R] is their zero count (int32) or, for
+    16-bit inputs (NONZERO_UNIT > 0, their smallest magnitude), NONZERO_UNIT × their nonzero count (float32,
+    exact)."""
+    zeros = zero_tally
+    if NONZERO_UNIT > 0:
+        zeros = count - (zero_tally.to(tl.float64) * (1.0 / NONZERO_UNIT)).to(tl.int32)
+    return tl.sum(zeros, 0)
 
 
 @triton.jit
 def _histogram(x, valid, lo, hi, scale, HIST: tl.constexpr, WIDE: tl.constexpr, MIN_EXP: tl.constexpr,
                MAX_EXP: tl.constexpr, BINS: tl.constexpr, PADDED_BINS: tl.constexpr, SIZE: tl.constexpr,
                DATA_RANGE: tl.constexpr):
-    """int32 [PADDED_BINS] counts of a tile x [R, V] of SIZE = R·V elements (HIST 1: log2, 2: linear,
-    over a data range if DATA_RANGE).
+    """int32 [PADDED_BINS] counts of a tile x [R, V] of SIZE = R·V elements (slots of :func:`_slots`)."""
+    slots = _slots(x, valid, lo, hi, scale, HIST, WIDE, MIN_EXP, MAX_EXP, BINS, DATA_RANGE)
+    return tl.histogram(tl.reshape(slots, [SIZE]), PADDED_BINS)
+
+
+@triton.jit
+def _histogram_of_halves(x_even, x_odd, valid, lo, hi, scale, HIST: tl.constexpr, WIDE: tl.constexpr,
+                         MIN_EXP: tl.constexpr, MAX_EXP: tl.constexpr, BINS: tl.constexpr,
+                         PADDED_BINS: tl.constexpr, SIZE: tl.constexpr, DATA_RANGE: tl.constexpr):
+    """int32 [PADDED_BINS] counts of a tile read as words (see _chunk_kernel), its even and odd elements
+    [R, V / 2] counted together, SIZE = R·V: one tl.histogram (its barriers) per tile."""
+    slots = tl.join(_slots(x_even, valid, lo, hi, scale, HIST, WIDE, MIN_EXP, MAX_EXP, BINS, DATA_RANGE),
+                    _slots(x_odd, valid, lo, hi, scale, HIST, WIDE, MIN_EXP, MAX_EXP, BINS, DATA_RANGE))
+    return tl.histogram(tl.reshape(slots, [SIZE]), PADDED_BINS)
+
+
+@triton.jit
+def _slots(x, valid, lo, hi, scale, HIST: tl.constexpr, WIDE: tl.constexpr, MIN_EXP: tl.constexpr,
+           MAX_EXP: tl.constexpr, BINS: tl.constexpr, DATA_RANGE: tl.constexpr):
+    """int32 histogram slots of a tile x [R, V] (HIST 1: log2, 2: linear, over a data range if DATA_RANGE).
 
     Every lane goes to some slot, so the count needs no mask (no branch per element). log2 of 32-bit values
     counts float32 exponent fields (slot 256: invalid lanes), which :func:`_fold_fields` folds into the
@@ -149,7 +189,7 @@ def _histogram(x, valid, lo, hi, scale, HIST: tl.constexpr, WIDE: tl.constexpr, 
         bins = tl.where(valid, bins, BINS + 2)
     else:
         bins = _linear_bins(x, valid, lo, hi, scale, BINS, WIDE, DATA_RANGE)
-    return tl.histogram(tl.reshape(bins, [SIZE]), PADDED_BINS)
+    return bins
 
 
 @triton.jit
@@ -170,6 +210,7 @@ def _chunk_kernel(
     DTYPE: tl.constexpr, ACC: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
     NUM_FIELDS: tl.constexpr, ROWS: tl.constexpr, HIST: tl.constexpr, TOTAL_HIST: tl.constexpr,
     MIN_EXP: tl.constexpr, MAX_EXP: tl.constexpr, BINS: tl.constexpr, PADDED_BINS: tl.constexpr,
+    NONZERO_UNIT: tl.constexpr,
 ):
     """Stage 1: one chunk → one row of partials (ROWS) and its histogram counts added to hist_out (HIST).
 
@@ -191,6 +232,11 @@ def _chunk_kernel(
     R: tl.constexpr = BLOCK // VEC
     rows = tl.arange(0, R).to(tl.int64)
     lanes = rows[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [R, VEC] offsets within a tile
+    # bfloat16 full tiles are read as int32 words, [R, VEC / 2], each widened to two float32 by a shift and
+    # a mask (1 instruction per element, where a bfloat16 load widens the upper halves in 2).
+    WORDS: tl.constexpr = DTYPE == tl.bfloat16
+    words = base.to(tl.pointer_type(tl.int32))
+    word_lanes = rows[:, None] * (VEC // 2) + tl.arange(0, VEC // 2)[None, :]  # [R, VEC / 2]
     WIDE: tl.constexpr = ACC == tl.float64
     ZEROS: tl.constexpr = not (HIST == 1 and WIDE)  # float64 log2 histograms count zeros in a slot
 
@@ -217,19 +263,42 @@ def _chunk_kernel(
     abs_sum = tl.zeros([R], ACC)
     max_x = tl.full([R], float("-inf"), ACC)
     min_x = tl.full([R], float("inf"), ACC)
-    zeros = tl.zeros([R], tl.int32)
+    if NONZERO_UNIT > 0:
+        zero_tally = tl.zeros([R], tl.float32)
+    else:
+        zero_tally = tl.zeros([R], tl.int32)
     count = tl.zeros([R], tl.int32) + VEC * tl.maximum(last_full - first_full, 0).to(tl.int32)
     hist = tl.zeros([PADDED_BINS], tl.int32)
     total_hist = tl.zeros([PADDED_BINS], tl.int32)
 
-    all_valid = tl.full([R, VEC], 1, tl.int1)
+    all_valid = tl.full([R, 1], 1, tl.int1)
     for block in range(first_full, last_full):  # full tiles: aligned, unmasked, 16-byte vector loads
-        ptrs = base + (block * BLOCK + lanes)
-        x = tl.load(tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, VEC])).to(ACC)
+        if WORDS:
+            p_words = words + (block * (BLOCK // 2) + word_lanes)
+            word = tl.load(tl.max_contiguous(tl.multiple_of(p_words, [16, 16]), [1, VEC // 2]))
+            x = (word << 16).to(tl.float32, bitcast=True)  # [R, VEC // 2]: the even elements
+            x_odd = (word & -65536).to(tl.float32, bitcast=True)  # the odd elements
+            x_loaded = x
+        else:
+            ptrs = base + (block * BLOCK + lanes)
+            x_loaded = tl.load(tl.max_contiguous(tl.multiple_of(ptrs, [16, 16]), [1, VEC]))
+            x = x_loaded.to(ACC)
         if ROWS:
-            sum_d, sum_d2, abs_sum, max_x, min_x, zeros = _moments(
-                x, all_valid, shift, sum_d, sum_d2, abs_sum, max_x, min_x, zeros, True, ZEROS)
-        if HIST != 0:
+            sum_d, sum_d2, abs_sum, max_x, min_x, zero_tally = _moments(
+                x, x_loaded, all_valid, shift, sum_d, sum_d2, abs_sum, max_x, min_x, zero_tally, True, ZEROS,
+                NONZERO_UNIT)
+            if WORDS:
+                sum_d, sum_d2, abs_sum, max_x, min_x, zero_tally = _moments(
+                    x_odd, x_odd, all_valid, shift, sum_d, sum_d2, abs_sum, max_x, min_x, zero_tally, True,
+                    ZEROS, NONZERO_UNIT)
+        if HIST != 0 and WORDS:
+            hist += _histogram_of_halves(x, x_odd, all_valid, lo, hi, scale, HIST, WIDE, MIN_EXP, MAX_EXP,
+                                         BINS, PADDED_BINS, BLOCK, TOTAL_HIST)
+            if TOTAL_HIST:
+                total_hist += _histogram_of_halves(x, x_odd, all_valid, total_lo, total_hi, total_scale,
+                                                   HIST, WIDE, MIN_EXP, MAX_EXP, BINS, PADDED_BINS, BLOCK,
+                                                   TOTAL_HIST)
+        elif HIST != 0:
             hist += _histogram(x, all_valid, lo, hi, scale, HIST, WIDE, MIN_EXP, MAX_EXP, BINS, PADDED_BINS,
                                BLOCK, TOTAL_HIST)
             if TOTAL_HIST:
@@ -242,8 +311,9 @@ def _chunk_kernel(
             x = tl.load(base + start + rows[:, None], mask=valid, other=0.0).to(ACC)
             if ROWS:
                 count += tl.sum(valid.to(tl.int32), 1)
-                sum_d, sum_d2, abs_sum, max_x, min_x, zeros = _moments(
-                    x, valid, shift, sum_d, sum_d2, abs_sum, max_x, min_x, zeros, False, ZEROS)
+                sum_d, sum_d2, abs_sum, max_x, min_x, zero_tally = _moments(
+                    x, x, valid, shift, sum_d, sum_d2, abs_sum, max_x, min_x, zero_tally, False, ZEROS,
+                    NONZERO_UNIT)
             if HIST != 0:
                 hist += _histogram(x, valid, lo, hi, scale, HIST, WIDE, MIN_EXP, MAX_EXP, BINS, PADDED_BINS,
                                    R, TOTAL_HIST)
@@ -287,7 +357,7 @@ def _chunk_kernel(
         tl.store(row + 2, chunk_m2)
         tl.store(row + 3, abs_total)
         if ZEROS:
-            zero_count = tl.sum(zeros, 0)
+            zero_count = _zero_count(zero_tally, count, NONZERO_UNIT)
         else:  # counted in the histogram's zero slot
             zero_count = tl.sum(tl.where(tl.arange(0, PADDED_BINS) == BINS, hist, 0), 0)
         tl.store(row + 4, zero_count.to(tl.float64))
@@ -297,7 +367,8 @@ def _chunk_kernel(
         tl.store(row + 8, finite_max)
         tl.store(row + 9, -finite_min)
     if HIST == 1 and not WIDE:
-        _fold_fields(hist, tl.sum(zeros, 0), hist_out + out_row * BINS, MIN_EXP, MAX_EXP, BINS, PADDED_BINS)
+        _fold_fields(hist, _zero_count(zero_tally, count, NONZERO_UNIT), hist_out + out_row * BINS, MIN_EXP,
+                     MAX_EXP, BINS, PADDED_BINS)
     elif HIST != 0:
         bins = tl.arange(0, PADDED_BINS)
         tl.atomic_add(hist_out + out_row * BINS + bins, hist.to(tl.int64), mask=bins < BINS)
@@ -391,12 +462,20 @@ def _block(dtype: torch.dtype, block_size: int | None, rows: bool = True) -> int
     return TILE_BYTES // dtype.itemsize if rows else min(TILE_BYTES // dtype.itemsize, HIST_ONLY_TILE)
 
 
+def _nonzero_unit(dtype: torch.dtype, chunk_size: int, block_size: int, vec: int) -> float:
+    """NONZERO_UNITS[dtype] (see _moments) where a row's float32 tally stays exact, at most 2^24 elements a
+    row and chunk (its full tiles and both partial ones); else 0: zeros are compared and counted."""
+    per_row = chunk_size // (block_size // vec) + 2 * vec
+    return NONZERO_UNITS.get(dtype, 0.0) if per_row <= 2**24 else 0.0
+
+
 def _launch_chunks(table, dtype, spec, hist_mode, partials, hist, total_hist, ranges, chunk_size, block_size):
     """Launch stage 1 over a group's chunks: raw-row partials when ``partials`` is given, histograms per
     mode."""
     if table.num_chunks == 0:
         return
     block_size = _block(dtype, block_size, rows=partials is not None)
+    vec = min(16 // dtype.itemsize, block_size)
     unused = table.tensors  # any tensor will do for a pointer argument a specialization never reads
     _chunk_kernel[(table.num_chunks,)](
         table.tensors, table.chunks,
@@ -406,9 +485,9 @@ def _launch_chunks(table, dtype, spec, hist_mode, partials, hist, total_hist, ra
         unused if ranges is None else ranges,
         0 if ranges is None else ranges.shape[0] - 1,
         DTYPE=TL_DTYPES[dtype], ACC=tl.float64 if dtype == torch.float64 else tl.float32,
-        CHUNK=chunk_size, BLOCK=block_size, VEC=min(16 // dtype.itemsize, block_size), NUM_FIELDS=K,
+        CHUNK=chunk_size, BLOCK=block_size, VEC=vec, NUM_FIELDS=K,
         ROWS=partials is not None, HIST=hist_mode, TOTAL_HIST=total_hist is not None,
         MIN_EXP=spec.min_exp if spec else 0, MAX_EXP=spec.max_exp if spec else 0,
         BINS=spec.bins if spec else 1, PADDED_BINS=_histogram_slots(spec, hist_mode, dtype),
-        num_warps=NUM_WARPS,
+        NONZERO_UNIT=_nonzero_unit(dtype, chunk_size, block_size, vec), num_warps=NUM_WARPS,
     )

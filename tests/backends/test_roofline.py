@@ -107,17 +107,16 @@ def test_statistics_without_histogram_have_no_barrier_in_their_loop(compiled, ar
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_histogram_barriers_and_linear_passes_do_not_regress(compiled, arch):
-    """Issue 11's linear budget (>= 0.6) holds for the histogram-only pass and for float32 everywhere; the
-    16-bit fixed-range statistics pass reaches 0.59-0.60 of the H200 floor (0.84-0.86 on an H100): pinned at
-    0.55 so that it can only improve. tl.histogram issues 3 CTA barriers per call, one call per tile (the
-    budget is one per 16K elements)."""
+    """Issue 11's linear budget (>= 0.6) holds for the histogram-only pass and for every fixed-range
+    statistics pass (16-bit: 0.63-0.64 of the H200 floor, 0.90-0.92 on an H100). tl.histogram issues 3 CTA
+    barriers per call, one call per tile (the budget is one per 16K elements)."""
     for dtype in DTYPES:
         m = compiled[arch][f"tensor_stats_log2[{dtype}]"]
         assert m["barriers_per_iteration"] <= 3 and m["elements_per_cta_iteration"] >= 4096, m["name"]
         m = compiled[arch][f"linear_hist[{dtype}]"]
         assert min(_fractions(m).values()) >= 0.6, (m["name"], _fractions(m))
         m = compiled[arch][f"tensor_stats_linear[{dtype}]"]
-        assert min(_fractions(m).values()) >= (0.85 if dtype == "fp32" else 0.55), (m["name"], _fractions(m))
+        assert min(_fractions(m).values()) >= (0.85 if dtype == "fp32" else 0.6), (m["name"], _fractions(m))
 
 
 def test_issue_and_little_bounds_on_a_toy_gpu():
