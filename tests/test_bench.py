@@ -296,3 +296,17 @@ def test_optim_family_is_opt_in_and_ours_takes_chunk_buffers_where_the_copy_take
     assert ours < 25e6
     assert copy >= workload.num_bytes
     assert composer >= 2 * max(math.prod(shape) for shape in workload.shapes) * 4  # temporaries per layer
+
+
+def test_floor_table_gives_the_median_and_range_of_the_runs():
+    def record(family, ms, floor_ms, candidate="ours"):
+        return {"backend": "native", "dtype": "bfloat16", "family": family, "candidate": candidate, "ms": ms,
+                "floor_fraction": floor_ms / ms}
+
+    records = [record("stats", 10.0, 5.0), record("stats", 30.0, 10.0), record("stats", 8.0, 8.0),
+               record("pair", 12.0, 10.0), record("stats", 7.0, 7.0, candidate="read-floor")]
+    lines = bench.floor_table(records).splitlines()
+    assert len(lines) == 4
+    assert lines[2] == "| native | bfloat16 | every statistic | 3 | 10.0 ms | 8.0 ms | 2.00× (1.00–3.00) |"
+    assert lines[3].startswith("| native | bfloat16 | pair")
+    assert lines[3].endswith("| 1 | 12.0 ms | 10.0 ms | 1.20× |")

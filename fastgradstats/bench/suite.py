@@ -610,15 +610,21 @@ FAMILY_TITLES = {
 
 def floor_table(records: Sequence[dict]) -> str:
     """A Markdown table of our rows (JSON records of a results file) as multiples of the read floor measured
-    beside them: backend, dtype, family, our median ms, the floor's, and their ratio."""
-    lines = ["| backend | dtype | family | ours | read floor | × read floor |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    beside them, a line per backend, dtype and family: over the runs among ``records``, the median of our
+    time, of the floor's and of their ratio, and the ratio's range when there are several runs."""
+    runs: dict[tuple, list[dict]] = {}
     for r in records:
-        if r["candidate"] != OURS or r.get("floor_fraction") is None:
-            continue
-        floor_ms = r["ms"] * r["floor_fraction"]
-        lines.append(f"| {r['backend']} | {r['dtype']} | {FAMILY_TITLES.get(r['family'], r['family'])} | "
-                     f"{r['ms']:,.1f} ms | {floor_ms:,.1f} ms | {1 / r['floor_fraction']:.2f}× |")
+        if r["candidate"] == OURS and r.get("floor_fraction") is not None:
+            runs.setdefault((r["backend"], r["dtype"], r["family"]), []).append(r)
+    lines = ["| backend | dtype | family | runs | ours | read floor | × read floor |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (backend, dtype, family), rows in runs.items():
+        ratios = [1 / r["floor_fraction"] for r in rows]
+        ours_ms = statistics.median(r["ms"] for r in rows)
+        floor_ms = statistics.median(r["ms"] * r["floor_fraction"] for r in rows)
+        spread = f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(rows) > 1 else ""
+        lines.append(f"| {backend} | {dtype} | {FAMILY_TITLES.get(family, family)} | {len(rows)} | "
+                     f"{ours_ms:,.1f} ms | {floor_ms:,.1f} ms | {statistics.median(ratios):.2f}×{spread} |")
     return "\n".join(lines)
 
 
